@@ -1,0 +1,1 @@
+"""Rule-based step-wise rewards of StepGRPO: StepRAR (accuracy) and StepRVR (validity)."""
