@@ -16,17 +16,23 @@ namespace {
 
 std::string type_name(PyObject* o) { return Py_TYPE(o)->tp_name; }
 
-TextView view_of(PyObject* o, const std::string& where) {
-    if (!PyUnicode_Check(o)) throw py::type_error(where + " must be str, got " + type_name(o));
+TextView view_of(PyObject* o) {
 #if PY_VERSION_HEX < 0x030C0000
     if (PyUnicode_READY(o) < 0) throw py::error_already_set();
 #endif
     return TextView{PyUnicode_DATA(o), static_cast<size_t>(PyUnicode_GET_LENGTH(o)), static_cast<int>(PyUnicode_KIND(o))};
 }
 
-u32string to_u32(PyObject* o, const std::string& where) {
+// Error paths are only spelled out when something is wrong (building them eagerly costs more than matching).
+template <typename Where>
+TextView checked_view(PyObject* o, Where&& where) {
+    if (!PyUnicode_Check(o)) throw py::type_error(where() + " must be str, got " + type_name(o));
+    return view_of(o);
+}
+
+u32string to_u32(PyObject* o) {
     u32string out;
-    copy_append(view_of(o, where), out);
+    copy_append(view_of(o), out);
     return out;
 }
 
@@ -36,40 +42,44 @@ py::str from_u32(const u32string& s) {
     return py::reinterpret_steal<py::str>(o);
 }
 
+std::string item_path(size_t index, bool in_dict) {
+    return "key_steps[" + std::to_string(index) + "]" + (in_dict ? "['Steps']" : "");
+}
+
 // A key_steps item: {"Steps": [group, ...]} (R1-VL-10K) or a plain list of groups; a group is a str or a
 // list of alternative strs.
 std::vector<Group> parse_item(PyObject* item, size_t index) {
-    const std::string where = "key_steps[" + std::to_string(index) + "]";
     PyObject* steps = item;
-    std::string steps_where = where;
-    if (PyDict_Check(item)) {
+    const bool in_dict = PyDict_Check(item);
+    if (in_dict) {
         steps = PyDict_GetItemString(item, "Steps");
-        if (!steps) throw py::value_error(where + ": dict has no 'Steps' key (expected {\"Steps\": [group, ...]})");
-        steps_where = where + "['Steps']";
+        if (!steps)
+            throw py::value_error(item_path(index, false) + ": dict has no 'Steps' key (expected {\"Steps\": [group, ...]})");
     }
     if (!PyList_Check(steps) && !PyTuple_Check(steps))
-        throw py::value_error(steps_where + ": expected a list of key-step groups (or a dict with 'Steps'), got " +
-                              type_name(steps));
+        throw py::value_error(item_path(index, in_dict) +
+                              ": expected a list of key-step groups (or a dict with 'Steps'), got " + type_name(steps));
     std::vector<Group> groups;
     const Py_ssize_t n_groups = PySequence_Fast_GET_SIZE(steps);
     groups.reserve(static_cast<size_t>(n_groups));
     for (Py_ssize_t g = 0; g < n_groups; ++g) {
         PyObject* group = PySequence_Fast_GET_ITEM(steps, g);
-        const std::string group_where = steps_where + "[" + std::to_string(g) + "]";
         Group alts;
         if (PyUnicode_Check(group)) {
-            alts.push_back(to_u32(group, group_where));
+            alts.push_back(to_u32(group));
         } else if (PyList_Check(group) || PyTuple_Check(group)) {
             const Py_ssize_t n_alts = PySequence_Fast_GET_SIZE(group);
+            alts.reserve(static_cast<size_t>(n_alts));
             for (Py_ssize_t a = 0; a < n_alts; ++a) {
                 PyObject* alt = PySequence_Fast_GET_ITEM(group, a);
-                const std::string alt_where = group_where + "[" + std::to_string(a) + "]";
                 if (!PyUnicode_Check(alt))
-                    throw py::value_error(alt_where + ": alternative must be str, got " + type_name(alt));
-                alts.push_back(to_u32(alt, alt_where));
+                    throw py::value_error(item_path(index, in_dict) + "[" + std::to_string(g) + "][" +
+                                          std::to_string(a) + "]: alternative must be str, got " + type_name(alt));
+                alts.push_back(to_u32(alt));
             }
         } else {
-            throw py::value_error(group_where + ": group must be str or list of str, got " + type_name(group));
+            throw py::value_error(item_path(index, in_dict) + "[" + std::to_string(g) +
+                                  "]: group must be str or list of str, got " + type_name(group));
         }
         groups.push_back(std::move(alts));
     }
@@ -106,7 +116,7 @@ std::vector<TextView> texts_of(const py::sequence& texts, std::vector<py::object
     keep_alive.reserve(n);
     for (size_t i = 0; i < n; ++i) {
         keep_alive.push_back(texts[i]);
-        views.push_back(view_of(keep_alive.back().ptr(), "texts[" + std::to_string(i) + "]"));
+        views.push_back(checked_view(keep_alive.back().ptr(), [i] { return "texts[" + std::to_string(i) + "]"; }));
     }
     return views;
 }
@@ -229,29 +239,29 @@ PYBIND11_MODULE(_keystep, m) {
     // Building blocks, exposed so tests can hold each against its Python twin.
     m.def("lower", [](const py::str& s) {
         u32string out;
-        lower(to_u32(s.ptr(), "s"), out);
+        lower(to_u32(s.ptr()), out);
         return from_u32(out);
     });
     m.def("normalize", [](const py::str& s) {
         u32string out, tmp;
-        normalize(to_u32(s.ptr(), "s"), out, tmp);
+        normalize(to_u32(s.ptr()), out, tmp);
         return from_u32(out);
     });
     m.def("extract_steps", [](const py::str& s) {
         u32string out;
-        extract_steps_append(view_of(s.ptr(), "s"), out);
+        extract_steps_append(view_of(s.ptr()), out);
         return from_u32(out);
     });
     m.def("prepare_text", [](const py::str& s, int mode, int scope) {
         u32string out, t1, t2;
-        prepare_text(view_of(s.ptr(), "s"), to_mode(mode), to_scope(scope), out, t1, t2);
+        prepare_text(view_of(s.ptr()), to_mode(mode), to_scope(scope), out, t1, t2);
         return from_u32(out);
     });
     m.def("partial_ratio", [](const py::str& a, const py::str& b) {
-        return partial_ratio(to_u32(a.ptr(), "a"), to_u32(b.ptr(), "b"));
+        return partial_ratio(to_u32(a.ptr()), to_u32(b.ptr()));
     });
     m.def("partial_ratio_reaches", [](const py::str& needle, const py::str& haystack, double threshold) {
-        return partial_ratio_reaches(Needle(to_u32(needle.ptr(), "needle")), to_u32(haystack.ptr(), "haystack"),
+        return partial_ratio_reaches(Needle(to_u32(needle.ptr())), to_u32(haystack.ptr()),
                                      threshold);
     });
 }

@@ -35,7 +35,7 @@ KeySteps compile(const std::vector<Group>& groups, Mode mode, size_t min_alt_len
         }
         ks.n_matchable += ks.matchable[g];
     }
-    ks.exact.build(patterns);
+    ks.exact.build(patterns, ks.n_groups);
     return ks;
 }
 
@@ -58,6 +58,9 @@ namespace {
 struct Scratch {
     u32string text, tmp1, tmp2;
     std::vector<uint8_t> flags;
+    std::vector<uint64_t> found;
+    std::vector<Segment> segments;
+    std::vector<uint16_t> classes;
 };
 
 int32_t match_one(const TextView& view, const KeySteps& ks, const Options& o, Scratch& scratch, uint8_t* out_flags) {
@@ -66,20 +69,45 @@ int32_t match_one(const TextView& view, const KeySteps& ks, const Options& o, Sc
     uint32_t found = 0;
     for (uint8_t f : flags) found += f;
     if (found < ks.n_matchable) {
-        prepare_text(view, o.mode, o.scope, scratch.text, scratch.tmp1, scratch.tmp2);
-        const u32string& text = scratch.text;
-        ks.exact.scan(text.data(), text.size(), [&](uint32_t g) {
-            if (!flags[g]) {
+        scratch.found.assign(ks.exact.mask_words(), 0);
+        const AhoCorasick& ac = ks.exact;
+        std::vector<uint16_t>& cls = scratch.classes;
+        cls.clear();
+        if (o.mode == Mode::kR1VL && view.kind == 1 && ac.lane_scannable()) {
+            // Latin-1 text: map the step sections straight to classes; lower-casing is folded into the map.
+            const auto* s = static_cast<const uint8_t*>(view.data);
+            if (o.scope == Scope::kSteps) {
+                step_segments(view, scratch.segments);
+                for (size_t k = 0; k < scratch.segments.size(); ++k) {
+                    if (k) cls.push_back(ac.class_of_char(U' '));
+                    const Segment& seg = scratch.segments[k];
+                    ac.classes_of(s + seg.begin, seg.end - seg.begin, /*lowered_latin1=*/true, cls);
+                }
+            } else {
+                ac.classes_of(s, view.length, /*lowered_latin1=*/true, cls);
+            }
+            ac.scan_classes(cls.data(), cls.size(), scratch.found.data());
+        } else {
+            prepare_text(view, o.mode, o.scope, scratch.text, scratch.tmp1, scratch.tmp2);
+            if (ac.lane_scannable()) {
+                ac.classes_of(scratch.text.data(), scratch.text.size(), false, cls);
+                ac.scan_classes(cls.data(), cls.size(), scratch.found.data());
+            } else {
+                AhoCorasick::Cursor cursor{0, scratch.found.data()};
+                ac.feed(scratch.text.data(), scratch.text.size(), cursor);
+            }
+        }
+        for (uint32_t g = 0; g < ks.n_groups; ++g) {
+            if (!flags[g] && ((scratch.found[g / 64] >> (g % 64)) & 1)) {
                 flags[g] = 1;
                 ++found;
             }
-            return found == ks.n_matchable;
-        });
+        }
         if (o.mode == Mode::kFuzzy) {
             for (const auto& [needle, g] : ks.fuzzy) {
                 if (found == ks.n_matchable) break;
                 if (flags[g]) continue;
-                if (partial_ratio_reaches(needle, text, o.fuzzy_threshold)) {
+                if (partial_ratio_reaches(needle, scratch.text, o.fuzzy_threshold)) {
                     flags[g] = 1;
                     ++found;
                 }

@@ -1,5 +1,6 @@
 #include "text.hpp"
 
+#include <cstring>
 #include <string_view>
 #include <vector>
 
@@ -7,18 +8,38 @@ namespace r1vl::keystep {
 namespace {
 
 template <typename CharT>
-void extract_steps_typed(const CharT* s, size_t n, u32string& out) {
+size_t find_newline(const CharT* s, size_t from, size_t n) {
+    if constexpr (sizeof(CharT) == 1) {
+        const void* p = std::memchr(s + from, '\n', n - from);
+        return p ? static_cast<size_t>(static_cast<const CharT*>(p) - s) : n;
+    } else {
+        while (from < n && s[from] != '\n') ++from;
+        return from;
+    }
+}
+
+template <typename CharT>
+size_t find_hash(const CharT* s, size_t from, size_t n) {
+    if constexpr (sizeof(CharT) == 1) {
+        const void* p = std::memchr(s + from, '#', n - from);
+        return p ? static_cast<size_t>(static_cast<const CharT*>(p) - s) : n;
+    } else {
+        while (from < n && s[from] != '#') ++from;
+        return from;
+    }
+}
+
+template <typename CharT>
+void step_segments_typed(const CharT* s, size_t n, std::vector<Segment>& out) {
     // The regex engine tries every start; "\d+:" cannot backtrack into a match (':' is no digit), "\s*" is
     // greedy and never needs to give back (the lazy group can always run to \Z), and findall resumes at the
     // end of the group because the lookahead consumes nothing.
     static constexpr char kHeader[] = "### Step ";
     constexpr size_t kHeaderLen = sizeof(kHeader) - 1;
-    bool first = true;
     size_t pos = 0;
     while (pos + kHeaderLen <= n) {
-        size_t i = pos;
-        for (; i + kHeaderLen <= n; ++i) {
-            if (s[i] != '#') continue;
+        size_t i = find_hash(s, pos, n);
+        for (; i + kHeaderLen <= n; i = find_hash(s, i + 1, n)) {
             size_t k = 1;
             while (k < kHeaderLen && static_cast<char32_t>(s[i + k]) == static_cast<char32_t>(kHeader[k])) ++k;
             if (k == kHeaderLen) break;
@@ -33,11 +54,12 @@ void extract_steps_typed(const CharT* s, size_t n, u32string& out) {
         size_t begin = d + 1;
         while (begin < n && unicode::is_space(s[begin])) ++begin;
         size_t end = begin;
-        while (end < n && !(s[end] == '\n' && end + 3 < n && s[end + 1] == '#' && s[end + 2] == '#' && s[end + 3] == '#'))
+        for (;;) {
+            end = find_newline(s, end, n);
+            if (end == n || (end + 3 < n && s[end + 1] == '#' && s[end + 2] == '#' && s[end + 3] == '#')) break;
             ++end;
-        if (!first) out.push_back(U' ');
-        first = false;
-        for (size_t k = begin; k < end; ++k) out.push_back(static_cast<char32_t>(s[k]));
+        }
+        out.push_back({begin, end});
         pos = end;
     }
 }
@@ -270,15 +292,27 @@ bool is_operator(char32_t c) {
     }
 }
 
-void extract_steps_append(const TextView& text, u32string& out) {
-    dispatch(text, [&](auto* s) { extract_steps_typed(s, text.length, out); });
+void step_segments(const TextView& text, std::vector<Segment>& out) {
+    out.clear();
+    dispatch(text, [&](auto* s) { step_segments_typed(s, text.length, out); });
 }
 
-void copy_append(const TextView& text, u32string& out) {
-    out.reserve(out.size() + text.length);
-    dispatch(text, [&](auto* s) {
-        for (size_t i = 0; i < text.length; ++i) out.push_back(static_cast<char32_t>(s[i]));
-    });
+void copy_append(const TextView& text, size_t begin, size_t end, u32string& out) {
+    const size_t at = out.size();
+    out.resize(at + (end - begin));
+    char32_t* dst = out.data() + at;
+    dispatch(text, [&](auto* s) { std::copy(s + begin, s + end, dst); });
+}
+
+void copy_append(const TextView& text, u32string& out) { copy_append(text, 0, text.length, out); }
+
+void extract_steps_append(const TextView& text, u32string& out) {
+    std::vector<Segment> segments;
+    step_segments(text, segments);
+    for (size_t k = 0; k < segments.size(); ++k) {
+        if (k) out.push_back(U' ');
+        copy_append(text, segments[k].begin, segments[k].end, out);
+    }
 }
 
 void lower(const u32string& s, u32string& out) {

@@ -2,14 +2,24 @@
 // soft normalisation (docs/REWARDS.md gives the rules; r1vl_fast/rewards/reference.py is the slow twin).
 #pragma once
 
+#include <vector>
+
 #include "unicode.hpp"
 
 namespace r1vl::keystep {
 
+struct Segment {
+    size_t begin, end;
+};
+
+// The spans of re.findall(r"### Step \d+:\s*(.*?)(?=\n###|\Z)", text, re.DOTALL), in order.
+void step_segments(const TextView& text, std::vector<Segment>& out);
+
 // Appends re.findall(r"### Step \d+:\s*(.*?)(?=\n###|\Z)", text, re.DOTALL) joined by " " to out.
 void extract_steps_append(const TextView& text, u32string& out);
 
-// Appends the whole text to out.
+// Appends text[begin, end) (or the whole text) to out.
+void copy_append(const TextView& text, size_t begin, size_t end, u32string& out);
 void copy_append(const TextView& text, u32string& out);
 
 // out = str.lower(s).

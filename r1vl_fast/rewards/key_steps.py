@@ -23,7 +23,7 @@ _MODE_NAMES = {v: k for k, v in MODES.items()}
 
 # One sample's key steps: the R1-VL-10K dict {"Steps": [group, ...]} or a plain list of groups, where a group
 # is a string or a list of equivalent alternative strings.
-KeyStepsItem = Union[dict[str, Any], Sequence[Union[str, Sequence[str]]]]
+KeyStepsItem = Union[dict[str, Any], Sequence[str | Sequence[str]]]
 
 
 def _mode_id(mode: str) -> int:
