@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import random
 
-FILLER = ["we", "look", "at", "the", "figure", "again", "and", "note", "that", "the", "segment", "is", "parallel", "to", "the", "base", "so", "the", "triangles", "are", "similar", "then", "the", "ratio", "of", "corresponding", "sides", "is", "the", "same", "for", "every", "pair", "and", "we", "can", "write", "the", "proportion", "carefully", "substituting", "the", "known", "lengths", "gives", "an", "equation", "in", "one", "unknown", "which", "we", "solve", "step", "by", "step", "below"]
+FILLER = (
+    "we look at the figure again and note that the segment is parallel to the base so the triangles are "
+    "similar then the ratio of corresponding sides is the same for every pair and we can write the "
+    "proportion carefully substituting the known lengths gives an equation in one unknown which we solve "
+    "step by step below"
+).split()
 
 
 def _key_group(rng: random.Random, i: int) -> list[str]:

@@ -33,7 +33,8 @@ def random_completion(rng: random.Random, max_steps: int = 4) -> str:
     if rng.random() < 0.1 and numbers:
         numbers[-1] += 1
     for n in numbers:
-        parts.append(f"### Step {n}:" + rng.choice(["\n", " ", "", "\n\n"]) + " ".join(rng.choices(WORDS, k=rng.randint(0, 8))))
+        words = " ".join(rng.choices(WORDS, k=rng.randint(0, 8)))
+        parts.append(f"### Step {n}:" + rng.choice(["\n", " ", "", "\n\n"]) + words)
     if rng.random() < 0.85:
         parts.append("### The final answer is:" + rng.choice([" 6", " 5", "", "\n6", " 0.5", " \\frac{1}{2}", " A"]))
     if rng.random() < 0.1:

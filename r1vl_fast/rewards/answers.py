@@ -8,6 +8,7 @@ work on a main thread, and a pathological expression can hang sympy regardless. 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import selectors
 import struct
@@ -68,7 +69,7 @@ class MathVerifier:
         self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
 
     def check(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
         """For each (a, b): is ``float(verify(parse(a), parse(b))) > 0``? Exceptions and time-outs are False."""
@@ -113,10 +114,9 @@ class MathVerifier:
                     if w.ready and w.job is None and next_job < len(jobs):
                         w.job, w.deadline = next_job, time.monotonic() + self.timeout
                         next_job += 1
-                        try:
+                        # on a broken pipe the read side sees the exit and retires the job
+                        with contextlib.suppress(BrokenPipeError, OSError):
                             write_message(w.proc.stdin, jobs[w.job])  # type: ignore[arg-type]
-                        except (BrokenPipeError, OSError):
-                            pass  # the read side sees the exit and retires the job
                 busy = [w.deadline for w in self._workers if w.job is not None]
                 wait = max(0.0, min(busy) - time.monotonic()) if busy else None
                 for key, _ in selector.select(wait):

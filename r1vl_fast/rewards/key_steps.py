@@ -8,7 +8,7 @@ for the G completions of every epoch. ``reference.py`` holds the pure-Python twi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,7 +23,7 @@ _MODE_NAMES = {v: k for k, v in MODES.items()}
 
 # One sample's key steps: the R1-VL-10K dict {"Steps": [group, ...]} or a plain list of groups, where a group
 # is a string or a list of equivalent alternative strings.
-KeyStepsItem = Union[dict[str, Any], Sequence[str | Sequence[str]]]
+KeyStepsItem = dict[str, Any] | Sequence[str | Sequence[str]]
 
 
 def _mode_id(mode: str) -> int:
@@ -94,7 +94,8 @@ def compile_key_steps(
     Raises ``ValueError`` naming the item (e.g. ``key_steps[3]['Steps'][2][0]``) when one is malformed.
     """
     if isinstance(key_steps, (str, bytes, dict)):
-        raise ValueError("key_steps must be a sequence with one item per sample, got a single " + type(key_steps).__name__)
+        kind = type(key_steps).__name__
+        raise ValueError(f"key_steps must be a sequence with one item per sample, got a single {kind}")
     core = _keystep.CompiledKeySteps(list(key_steps), _mode_id(mode), _check_min_alt_len(min_alt_len), threads)
     return CompiledKeySteps(core)
 
@@ -122,7 +123,8 @@ def _match(
             texts, key_steps._core, key_steps._index, _scope_id(scope), threshold, threads, return_groups
         )
     if isinstance(key_steps, (str, bytes, dict)):
-        raise ValueError("key_steps must be a sequence with one item per text, got a single " + type(key_steps).__name__)
+        kind = type(key_steps).__name__
+        raise ValueError(f"key_steps must be a sequence with one item per text, got a single {kind}")
     return _keystep.match_raw(
         texts,
         key_steps if isinstance(key_steps, list) else list(key_steps),

@@ -42,10 +42,9 @@ def r1vl_valid(text: str) -> bool:
     if not all(section in text for section in _R1VL_REQUIRED):
         return False
     steps = list(_R1VL_STEP.finditer(text))
-    if not text.strip().endswith(ANSWER_MARKER):
-        # the first final-answer marker must start after the end of the last step header
-        if text.find(ANSWER_MARKER) < steps[-1].end():
-            return False
+    # unless the text ends with the marker, the first marker must start after the end of the last step header
+    if not text.strip().endswith(ANSWER_MARKER) and text.find(ANSWER_MARKER) < steps[-1].end():
+        return False
     numbers = [_step_number(m.group(1)) for m in steps]
     return numbers == list(range(1, len(numbers) + 1))
 
