@@ -7,24 +7,14 @@
 namespace r1vl::keystep {
 namespace {
 
+// Index of the first `ch` in s[from, n), or n (memchr on 1-byte strings).
 template <typename CharT>
-size_t find_newline(const CharT* s, size_t from, size_t n) {
+size_t find_char(const CharT* s, size_t from, size_t n, char ch) {
     if constexpr (sizeof(CharT) == 1) {
-        const void* p = std::memchr(s + from, '\n', n - from);
+        const void* p = std::memchr(s + from, ch, n - from);
         return p ? static_cast<size_t>(static_cast<const CharT*>(p) - s) : n;
     } else {
-        while (from < n && s[from] != '\n') ++from;
-        return from;
-    }
-}
-
-template <typename CharT>
-size_t find_hash(const CharT* s, size_t from, size_t n) {
-    if constexpr (sizeof(CharT) == 1) {
-        const void* p = std::memchr(s + from, '#', n - from);
-        return p ? static_cast<size_t>(static_cast<const CharT*>(p) - s) : n;
-    } else {
-        while (from < n && s[from] != '#') ++from;
+        while (from < n && s[from] != static_cast<CharT>(ch)) ++from;
         return from;
     }
 }
@@ -38,8 +28,8 @@ void step_segments_typed(const CharT* s, size_t n, std::vector<Segment>& out) {
     constexpr size_t kHeaderLen = sizeof(kHeader) - 1;
     size_t pos = 0;
     while (pos + kHeaderLen <= n) {
-        size_t i = find_hash(s, pos, n);
-        for (; i + kHeaderLen <= n; i = find_hash(s, i + 1, n)) {
+        size_t i = find_char(s, pos, n, '#');
+        for (; i + kHeaderLen <= n; i = find_char(s, i + 1, n, '#')) {
             size_t k = 1;
             while (k < kHeaderLen && static_cast<char32_t>(s[i + k]) == static_cast<char32_t>(kHeader[k])) ++k;
             if (k == kHeaderLen) break;
@@ -55,7 +45,7 @@ void step_segments_typed(const CharT* s, size_t n, std::vector<Segment>& out) {
         while (begin < n && unicode::is_space(s[begin])) ++begin;
         size_t end = begin;
         for (;;) {
-            end = find_newline(s, end, n);
+            end = find_char(s, end, n, '\n');
             if (end == n || (end + 3 < n && s[end + 1] == '#' && s[end + 2] == '#' && s[end + 3] == '#')) break;
             ++end;
         }
