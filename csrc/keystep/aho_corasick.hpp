@@ -81,7 +81,6 @@ public:
             feed_sparse(s, n, cur, lowered_latin1);
         }
     }
-    void feed_char(char32_t c, Cursor& cur) const { feed(&c, 1, cur); }
 
     // Dense tables above this many entries fall back to sparse edges + failure links (still linear).
     static constexpr size_t kMaxDenseEntries = size_t{1} << 22;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import selectors
 import struct
 import subprocess
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from r1vl_fast.rewards._verify_worker import read_message, write_message
 
 ANSWER_MARKER = "### The final answer is:"
-_ANSWER_LINE = __import__("re").compile(r"### The final answer is:\s*\n?(.*)")
+_ANSWER_LINE = re.compile(r"### The final answer is:\s*\n?(.*)")
 
 
 def final_answer(text: str) -> str | None:
