@@ -48,40 +48,42 @@ std::string item_path(size_t index, bool in_dict) {
 
 // A key_steps item: {"Steps": [group, ...]} (R1-VL-10K) or a plain list of groups; a group is a str or a
 // list of alternative strs.
-std::vector<Group> parse_item(PyObject* item, size_t index) {
+GroupList parse_item(PyObject* item, size_t index) {
     PyObject* steps = item;
     const bool in_dict = PyDict_Check(item);
     if (in_dict) {
-        steps = PyDict_GetItemString(item, "Steps");
+        static PyObject* const key = PyUnicode_InternFromString("Steps");  // immortal for the module's life
+        steps = PyDict_GetItemWithError(item, key);
+        if (!steps && PyErr_Occurred()) throw py::error_already_set();
         if (!steps)
             throw py::value_error(item_path(index, false) + ": dict has no 'Steps' key (expected {\"Steps\": [group, ...]})");
     }
     if (!PyList_Check(steps) && !PyTuple_Check(steps))
         throw py::value_error(item_path(index, in_dict) +
                               ": expected a list of key-step groups (or a dict with 'Steps'), got " + type_name(steps));
-    std::vector<Group> groups;
+    GroupList groups;
     const Py_ssize_t n_groups = PySequence_Fast_GET_SIZE(steps);
-    groups.reserve(static_cast<size_t>(n_groups));
+    groups.group_end.reserve(static_cast<size_t>(n_groups));
     for (Py_ssize_t g = 0; g < n_groups; ++g) {
         PyObject* group = PySequence_Fast_GET_ITEM(steps, g);
-        Group alts;
         if (PyUnicode_Check(group)) {
-            alts.push_back(to_u32(group));
+            copy_append(view_of(group), groups.chars);
+            groups.end_alternative();
         } else if (PyList_Check(group) || PyTuple_Check(group)) {
             const Py_ssize_t n_alts = PySequence_Fast_GET_SIZE(group);
-            alts.reserve(static_cast<size_t>(n_alts));
             for (Py_ssize_t a = 0; a < n_alts; ++a) {
                 PyObject* alt = PySequence_Fast_GET_ITEM(group, a);
                 if (!PyUnicode_Check(alt))
                     throw py::value_error(item_path(index, in_dict) + "[" + std::to_string(g) + "][" +
                                           std::to_string(a) + "]: alternative must be str, got " + type_name(alt));
-                alts.push_back(to_u32(alt));
+                copy_append(view_of(alt), groups.chars);
+                groups.end_alternative();
             }
         } else {
             throw py::value_error(item_path(index, in_dict) + "[" + std::to_string(g) +
                                   "]: group must be str or list of str, got " + type_name(group));
         }
-        groups.push_back(std::move(alts));
+        groups.end_group();
     }
     return groups;
 }
@@ -96,7 +98,7 @@ Scope to_scope(int s) {
     return static_cast<Scope>(s);
 }
 
-std::vector<KeySteps> compile_many(const std::vector<std::vector<Group>>& parsed, Mode mode, size_t min_alt_len,
+std::vector<KeySteps> compile_many(const std::vector<GroupList>& parsed, Mode mode, size_t min_alt_len,
                                    int threads) {
     std::vector<KeySteps> out(parsed.size());
     parallel_for(parsed.size(), threads, 64, [&](size_t i) { out[i] = compile(parsed[i], mode, min_alt_len); });
@@ -149,14 +151,14 @@ py::tuple run_match(const std::vector<TextView>& views, const std::vector<const 
 }  // namespace
 
 PYBIND11_MODULE(_keystep, m) {
-    m.doc() = "Batched key-step matching for StepRAR (exact Aho-Corasick, normalised, and fuzzy partial_ratio).";
+    m.doc() = "Batched key-step matching for StepRAR (exact: q-gram filter with an Aho-Corasick fallback; normalised; fuzzy partial_ratio).";
 
     py::class_<CompiledKeySteps, std::shared_ptr<CompiledKeySteps>>(m, "CompiledKeySteps")
         .def(py::init([](const py::sequence& key_steps, int mode, size_t min_alt_len, int threads) {
                  auto self = std::make_shared<CompiledKeySteps>();
                  self->mode = to_mode(mode);
                  self->min_alt_len = min_alt_len;
-                 std::vector<std::vector<Group>> parsed;
+                 std::vector<GroupList> parsed;
                  const size_t n = py::len(key_steps);
                  parsed.reserve(n);
                  for (size_t i = 0; i < n; ++i) parsed.push_back(parse_item(py::object(key_steps[i]).ptr(), i));
@@ -213,7 +215,7 @@ PYBIND11_MODULE(_keystep, m) {
             std::vector<py::object> items;
             items.reserve(n);
             std::unordered_map<PyObject*, size_t> unique_index;
-            std::vector<std::vector<Group>> parsed;
+            std::vector<GroupList> parsed;
             std::vector<size_t> sample_of(n);
             for (size_t i = 0; i < n; ++i) {
                 items.push_back(key_steps[i]);
@@ -237,6 +239,9 @@ PYBIND11_MODULE(_keystep, m) {
         py::arg("min_alt_len"), py::arg("threads"), py::arg("return_groups"));
 
     // Building blocks, exposed so tests can hold each against its Python twin.
+    m.def("_set_simd", &QGramFilter::set_simd, py::arg("enabled"),
+          "Allow (True) or forbid (False) the AVX2 scan; returns the previous setting. For tests.");
+    m.def("_simd_available", &QGramFilter::simd_available);
     m.def("lower", [](const py::str& s) {
         u32string out;
         lower(to_u32(s.ptr()), out);

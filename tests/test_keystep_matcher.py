@@ -251,6 +251,67 @@ def test_unicode_lowercasing_in_matching():
     assert match_key_steps([text], [["istanbul"]]).tolist() == [0.0]  # 'İ'.lower() is 'i' + U+0307
 
 
+# ---------------------------------------------------------------- the exact search's paths
+# Small sets go through the q-gram filter (AVX2 or portable scan), one-character or large sets and texts that
+# exhaust the filter's verification budget through Aho-Corasick. Every path must give the reference's answer.
+
+
+@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+def simd(request):
+    previous = _keystep._set_simd(request.param)
+    yield request.param
+    _keystep._set_simd(previous)
+
+
+@pytest.mark.parametrize("mode", ["r1vl", "normalized"])
+def test_exact_search_paths_match_reference(simd, mode):
+    texts, key_steps = _corpus(11, 300)
+    want = np.array(ref.match_key_steps(texts, key_steps, mode=mode), dtype=np.float32)
+    np.testing.assert_array_equal(match_key_steps(texts, key_steps, mode=mode), want)
+
+
+@pytest.mark.parametrize("extra", ["", "Σ"], ids=["latin1", "ucs2"])
+def test_match_found_at_every_offset_and_length(simd, extra):
+    rng = random.Random(3)
+    for n in range(1, 41):
+        body = "".join(rng.choices("xyz ", k=n))
+        for length in (2, 3, 4, 5, 9, 17):
+            for at in range(0, n - length + 1):
+                pattern = "ab" * 9
+                pattern = pattern[:length]
+                text = "### Step 1: " + extra + body[:at] + pattern + body[at + length:]
+                groups = [[pattern], ["q" * length]]
+                assert match_key_step_groups([text], [groups])[0].tolist() == [True, False], (n, length, at)
+
+
+def test_verification_budget_falls_back_to_automaton(simd):
+    # Every position of the run of 'a's passes the filter and verifies ~40 characters: past the budget the
+    # text is rescanned by Aho-Corasick.
+    text = "### Step 1: " + "a" * 5000 + "b"
+    groups = [["a" * 40 + "b"], ["a" * 40 + "c"], ["aab"]]
+    assert match_key_step_groups([text], [groups])[0].tolist() == [True, False, True]
+    assert ref.match_groups(text, groups) == [True, False, True]
+
+
+def test_non_latin1_pattern_never_matches_a_colliding_latin1_text(simd):
+    # The filter folds characters to 8 bits: 'š' (U+0161) folds to '`' (0x60), so "šabc" and "`abc" share a key.
+    assert match_key_step_groups(["### Step 1: x `abc y"], [[["šabc"]]])[0].tolist() == [False]
+    assert match_key_step_groups(["### Step 1: x šabc y"], [[["šabc"]]])[0].tolist() == [True]
+    assert match_key_step_groups(["### Step 1: x Šabc y"], [[["šabc"]]])[0].tolist() == [True]
+
+
+@pytest.mark.parametrize("n_groups", [1, 20, 60, 300])
+@pytest.mark.parametrize("shortest", [1, 2, 3, 8])
+def test_pattern_set_sizes_and_lengths(simd, n_groups, shortest):
+    rng = random.Random(n_groups * 10 + shortest)
+    groups = [["".join(rng.choices("abc", k=rng.randint(shortest, shortest + 3))) for _ in range(2)]
+              for _ in range(n_groups)]
+    texts = ["### Step 1: " + "".join(rng.choices("abc d", k=rng.randint(0, 300))) for _ in range(30)]
+    got = match_key_step_groups(texts, [groups] * len(texts))
+    for text, flags in zip(texts, got):
+        assert flags.tolist() == ref.match_groups(text, groups)
+
+
 # ---------------------------------------------------------------- compiled key steps
 
 
@@ -368,7 +429,7 @@ def test_huge_and_strange_texts():
 def test_large_automaton_falls_back_to_sparse_transitions():
     rng = random.Random(2)
     alphabet = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]  # 3000 classes x many states > dense limit
-    groups = [["".join(rng.choices(alphabet, k=30))] for _ in range(200)]
+    groups = [["".join(rng.choices(alphabet, k=30))] for _ in range(300)]  # > 256 patterns: no q-gram filter
     text = "### Step 1: " + groups[7][0] + " " + "".join(rng.choices(alphabet, k=500)) + groups[150][0][:29]
     got = match_key_step_groups([text], [groups])[0]
     assert got.tolist() == ref.match_groups(text, groups)

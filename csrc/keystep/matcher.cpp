@@ -1,6 +1,7 @@
 #include "matcher.hpp"
 
 #include <atomic>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -9,35 +10,76 @@
 
 namespace r1vl::keystep {
 
-KeySteps compile(const std::vector<Group>& groups, Mode mode, size_t min_alt_len) {
+KeySteps compile(const GroupList& groups, Mode mode, size_t min_alt_len) {
+    thread_local u32string alt, prepared, tmp;
     KeySteps ks;
-    ks.n_groups = static_cast<uint32_t>(groups.size());
-    ks.always.assign(groups.size(), 0);
-    ks.matchable.assign(groups.size(), 0);
-    std::vector<std::pair<u32string, uint32_t>> patterns;
-    u32string prepared, tmp;
-    for (uint32_t g = 0; g < groups.size(); ++g) {
-        for (const u32string& alt : groups[g]) {
+    ks.n_groups = groups.n_groups();
+    ks.always.assign(ks.n_groups, 0);
+    ks.matchable.assign(ks.n_groups, 0);
+    u32string& chars = ks.patterns.chars;  // alternatives are prepared straight into the pattern buffer
+    chars.reserve(groups.chars.size());
+    ks.patterns.end.reserve(groups.alt_end.size());
+    ks.patterns.group.reserve(groups.alt_end.size());
+    uint32_t k = 0;
+    for (uint32_t g = 0; g < ks.n_groups; ++g) {
+        for (; k < groups.group_end[g]; ++k) {
+            const size_t begin = k ? groups.alt_end[k - 1] : 0, at = chars.size();
             if (mode == Mode::kR1VL) {
-                lower(alt, prepared);
+                unicode::lower_append(groups.chars.data() + begin, groups.alt_end[k] - begin, chars);
             } else {
+                alt.assign(groups.chars, begin, groups.alt_end[k] - begin);
                 normalize(alt, prepared, tmp);
+                chars += prepared;
             }
-            if (prepared.size() < min_alt_len) continue;
-            if (prepared.empty()) {
+            const size_t length = chars.size() - at;
+            if (length < min_alt_len || length == 0) {
+                chars.resize(at);
                 // `"" in text` is always true in the released code; the paper presets reject empty alternatives.
-                if (mode == Mode::kR1VL) ks.always[g] = ks.matchable[g] = 1;
+                if (length == 0 && min_alt_len == 0 && mode == Mode::kR1VL) ks.always[g] = ks.matchable[g] = 1;
                 continue;
             }
             ks.matchable[g] = 1;
-            patterns.emplace_back(prepared, g);
-            if (mode == Mode::kFuzzy) ks.fuzzy.emplace_back(Needle(prepared), g);
+            ks.patterns.end.push_back(static_cast<uint32_t>(chars.size()));
+            ks.patterns.group.push_back(g);
+            if (mode == Mode::kFuzzy) ks.fuzzy.emplace_back(Needle(u32string(chars, at, length)), g);
         }
         ks.n_matchable += ks.matchable[g];
     }
-    ks.exact.build(patterns, ks.n_groups);
+    ks.filter.build(ks.patterns);
     return ks;
 }
+
+const AhoCorasick& KeySteps::automaton() const {
+    if (AhoCorasick* built = automaton_.load(std::memory_order_acquire)) return *built;
+    static std::mutex building;  // rare: only samples that need the automaton get here
+    std::lock_guard<std::mutex> lock(building);
+    if (AhoCorasick* built = automaton_.load(std::memory_order_relaxed)) return *built;
+    std::vector<std::pair<u32string, uint32_t>> list;
+    list.reserve(patterns.size());
+    for (size_t k = 0; k < patterns.size(); ++k)
+        list.emplace_back(u32string(patterns.data(k), patterns.length(k)), patterns.group[k]);
+    auto automaton = std::make_unique<AhoCorasick>();
+    automaton->build(list, n_groups);
+    automaton_.store(automaton.get(), std::memory_order_release);
+    return *automaton.release();
+}
+
+KeySteps::KeySteps(KeySteps&& other) noexcept { *this = std::move(other); }
+
+KeySteps& KeySteps::operator=(KeySteps&& other) noexcept {
+    if (this == &other) return *this;
+    n_groups = other.n_groups;
+    always = std::move(other.always);
+    matchable = std::move(other.matchable);
+    n_matchable = other.n_matchable;
+    patterns = std::move(other.patterns);
+    filter = std::move(other.filter);
+    fuzzy = std::move(other.fuzzy);
+    delete automaton_.exchange(other.automaton_.exchange(nullptr));
+    return *this;
+}
+
+KeySteps::~KeySteps() { delete automaton_.load(); }
 
 void prepare_text(const TextView& text, Mode mode, Scope scope, u32string& out, u32string& tmp1, u32string& tmp2) {
     tmp1.clear();
@@ -57,11 +99,74 @@ namespace {
 
 struct Scratch {
     u32string text, tmp1, tmp2;
+    std::vector<uint8_t> bytes;
     std::vector<uint8_t> flags;
     std::vector<uint64_t> found;
     std::vector<Segment> segments;
     std::vector<uint16_t> classes;
 };
+
+// str.lower() of a Latin-1 character: Latin-1 lower-cases within Latin-1, one character to one.
+struct Latin1Lower {
+    uint8_t table[256];
+    Latin1Lower() {
+        for (uint32_t c = 0; c < 256; ++c) table[c] = static_cast<uint8_t>(unicode::simple_lower(c));
+    }
+};
+
+// The text as matched in r1vl mode when it is Latin-1: scope applied and lower-cased, one byte a character.
+void lowered_latin1(const TextView& view, Scope scope, Scratch& scratch) {
+    static const Latin1Lower lower;
+    const auto* s = static_cast<const uint8_t*>(view.data);
+    std::vector<uint8_t>& out = scratch.bytes;
+    out.clear();
+    auto append = [&](size_t begin, size_t end) {
+        const size_t at = out.size();
+        out.resize(at + (end - begin));
+        uint8_t* dst = out.data() + at;
+        size_t i = begin;
+        // Eight ASCII bytes at a time: set 0x20 in every byte within 'A'..'Z' (SWAR); anything else by table.
+        constexpr uint64_t kOnes = 0x0101010101010101ull, kHigh = 0x8080808080808080ull;
+        for (; i + 8 <= end; i += 8, dst += 8) {
+            uint64_t x;
+            std::memcpy(&x, s + i, 8);
+            if (x & kHigh) {
+                for (size_t k = 0; k < 8; ++k) dst[k] = lower.table[s[i + k]];
+                continue;
+            }
+            const uint64_t at_least_a = x + kOnes * (0x80 - 'A');   // high bit set where byte >= 'A'
+            const uint64_t above_z = x + kOnes * (0x80 - 'Z' - 1);  // high bit set where byte > 'Z'
+            x |= ((at_least_a & ~above_z) & kHigh) >> 2;
+            std::memcpy(dst, &x, 8);
+        }
+        for (; i < end; ++i) *dst++ = lower.table[s[i]];
+    };
+    if (scope == Scope::kAll) {
+        append(0, view.length);
+        return;
+    }
+    step_segments(view, scratch.segments);
+    for (size_t k = 0; k < scratch.segments.size(); ++k) {
+        if (k) out.push_back(' ');
+        append(scratch.segments[k].begin, scratch.segments[k].end);
+    }
+}
+
+// ORs into `found` the groups with an alternative occurring in the prepared text s[0, n).
+template <typename CharT>
+void exact_search(const CharT* s, size_t n, const KeySteps& ks, Scratch& scratch, uint64_t* found) {
+    if (ks.filter.usable() && ks.filter.scan(s, n, found)) return;
+    const AhoCorasick& ac = ks.automaton();
+    if (ac.lane_scannable()) {
+        std::vector<uint16_t>& cls = scratch.classes;
+        cls.clear();
+        ac.classes_of(s, n, /*lowered_latin1=*/sizeof(CharT) == 1, cls);  // lower() is idempotent on Latin-1
+        ac.scan_classes(cls.data(), cls.size(), found);
+    } else {
+        AhoCorasick::Cursor cursor{0, found};
+        ac.feed(s, n, cursor);
+    }
+}
 
 int32_t match_one(const TextView& view, const KeySteps& ks, const Options& o, Scratch& scratch, uint8_t* out_flags) {
     std::vector<uint8_t>& flags = scratch.flags;
@@ -69,33 +174,13 @@ int32_t match_one(const TextView& view, const KeySteps& ks, const Options& o, Sc
     uint32_t found = 0;
     for (uint8_t f : flags) found += f;
     if (found < ks.n_matchable) {
-        scratch.found.assign(ks.exact.mask_words(), 0);
-        const AhoCorasick& ac = ks.exact;
-        std::vector<uint16_t>& cls = scratch.classes;
-        cls.clear();
-        if (o.mode == Mode::kR1VL && view.kind == 1 && ac.lane_scannable()) {
-            // Latin-1 text: map the step sections straight to classes; lower-casing is folded into the map.
-            const auto* s = static_cast<const uint8_t*>(view.data);
-            if (o.scope == Scope::kSteps) {
-                step_segments(view, scratch.segments);
-                for (size_t k = 0; k < scratch.segments.size(); ++k) {
-                    if (k) cls.push_back(ac.class_of_char(U' '));
-                    const Segment& seg = scratch.segments[k];
-                    ac.classes_of(s + seg.begin, seg.end - seg.begin, /*lowered_latin1=*/true, cls);
-                }
-            } else {
-                ac.classes_of(s, view.length, /*lowered_latin1=*/true, cls);
-            }
-            ac.scan_classes(cls.data(), cls.size(), scratch.found.data());
+        scratch.found.assign(std::max<size_t>(1, (ks.n_groups + 63) / 64), 0);
+        if (o.mode == Mode::kR1VL && view.kind == 1) {
+            lowered_latin1(view, o.scope, scratch);
+            exact_search(scratch.bytes.data(), scratch.bytes.size(), ks, scratch, scratch.found.data());
         } else {
             prepare_text(view, o.mode, o.scope, scratch.text, scratch.tmp1, scratch.tmp2);
-            if (ac.lane_scannable()) {
-                ac.classes_of(scratch.text.data(), scratch.text.size(), false, cls);
-                ac.scan_classes(cls.data(), cls.size(), scratch.found.data());
-            } else {
-                AhoCorasick::Cursor cursor{0, scratch.found.data()};
-                ac.feed(scratch.text.data(), scratch.text.size(), cursor);
-            }
+            exact_search(scratch.text.data(), scratch.text.size(), ks, scratch, scratch.found.data());
         }
         for (uint32_t g = 0; g < ks.n_groups; ++g) {
             if (!flags[g] && ((scratch.found[g / 64] >> (g % 64)) & 1)) {

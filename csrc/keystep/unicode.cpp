@@ -32,8 +32,14 @@ char32_t simple_lower(char32_t c) {
 }
 
 void lower_append(const char32_t* s, size_t n, u32string& out) {
-    out.reserve(out.size() + n);
-    for (size_t i = 0; i < n; ++i) {
+    // ASCII prefix through a raw pointer (the usual case is all of it), the rest character by character.
+    const size_t at = out.size();
+    out.resize(at + n);
+    char32_t* dst = out.data() + at;
+    size_t i = 0;
+    for (; i < n && s[i] < 128; ++i) dst[i] = s[i] >= 'A' && s[i] <= 'Z' ? s[i] + 32 : s[i];
+    out.resize(at + i);
+    for (; i < n; ++i) {
         const char32_t c = s[i];
         if (c < 128) {
             out.push_back(c >= 'A' && c <= 'Z' ? c + 32 : c);

@@ -47,7 +47,7 @@ def _check_min_alt_len(min_alt_len: int) -> int:
 class CompiledKeySteps:
     """Key steps of many samples prepared for one matching mode; index it to select samples.
 
-    ``compiled[i]`` and ``compiled[[i, i, j]]`` are views sharing the compiled automata; a view whose length
+    ``compiled[i]`` and ``compiled[[i, i, j]]`` are views sharing the compiled key steps; a view whose length
     equals the batch is what :func:`match_key_steps` takes in place of raw key steps.
     """
 
@@ -89,7 +89,7 @@ class CompiledKeySteps:
 def compile_key_steps(
     key_steps: Sequence[KeyStepsItem], *, mode: MatchMode = "r1vl", min_alt_len: int = 0, threads: int = 0
 ) -> CompiledKeySteps:
-    """Prepare the key steps of many samples once (lower-casing or normalisation, automata, bit masks).
+    """Prepare the key steps of many samples once (lower-casing or normalisation, q-gram filters).
 
     Raises ``ValueError`` naming the item (e.g. ``key_steps[3]['Steps'][2][0]``) when one is malformed.
     """
