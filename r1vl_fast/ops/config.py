@@ -1,0 +1,71 @@
+"""Hyper-parameters of the GRPO loss, checked once, and the per-token weights each ``loss_type`` reduces with."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """beta: KL coefficient (R1-VL 0.04); kl: estimator (k3 = R1-VL); eps_low / eps_high: PPO clip range
+    [1 − eps_low, 1 + eps_high]; delta: optional upper bound on the unclipped ratio (two-sided clipping);
+    loss_type: grpo (sequence means, then batch mean; R1-VL), bnpo (token mean over the batch), dr_grpo
+    (÷ B·max_completion_length), dapo (÷ num_items, the global token count); temperature divides the logits."""
+
+    beta: float = 0.04
+    kl: str = "k3"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    delta: float | None = None
+    loss_type: str = "grpo"
+    temperature: float = 1.0
+    max_completion_length: int | None = None
+
+    def __post_init__(self) -> None:
+        def finite(name: str, value: float, low: float = -math.inf) -> None:
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+                raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
+
+        finite("beta", self.beta)
+        finite("eps_low", self.eps_low, 0.0)
+        finite("eps_high", self.eps_high, 0.0)
+        if self.eps_low >= 1:
+            raise ValueError(f"eps_low must be < 1 (the lower clip bound is 1 - eps_low), got {self.eps_low}")
+        if self.delta is not None:
+            finite("delta", self.delta)
+            if self.delta <= 1 + self.eps_high:
+                raise ValueError(f"delta must exceed 1 + eps_high = {1 + self.eps_high}, got {self.delta}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.kl not in KL_ESTIMATORS:
+            raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {self.kl!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+
+
+def token_weights(mask: torch.Tensor, config: GRPOConfig, num_items: float | None = None) -> torch.Tensor:
+    """w[b, t] such that loss = Σ w · ℓ: the reduction of each loss_type, as a weight per completion token.
+
+    A fully masked sequence contributes 0 to a ``grpo`` loss and still counts in its batch mean (its token
+    count is clamped to 1), as in TRL and the R1-VL code.
+    """
+    m = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    batch, length = m.shape
+    if config.loss_type == "grpo":
+        return m / (batch * m.sum(dim=1, keepdim=True).clamp(min=1))
+    if config.loss_type == "bnpo":
+        return m / m.sum().clamp(min=1)
+    if config.loss_type == "dr_grpo":
+        return m / (batch * (config.max_completion_length or length))
+    total = m.sum().clamp(min=1) if num_items is None else torch.as_tensor(float(num_items), dtype=m.dtype)
+    if num_items is not None and not float(num_items) > 0:
+        raise ValueError(f"num_items must be > 0, got {num_items!r}")
+    return m / total

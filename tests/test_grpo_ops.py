@@ -1,0 +1,283 @@
+"""The Triton policy-update kernels (run by the interpreter on CPU) against the fp64 PyTorch reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from r1vl_fast.ops import group_advantages, grpo_loss, selective_log_probs
+from r1vl_fast.ops import reference as ref
+
+
+def _logits(b: int, t: int, v: int, seed: int, *, extreme: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, v, generator=g) * 3
+    if extreme:  # huge logits and masked-out (−inf) vocabulary entries
+        x.view(-1)[torch.randint(0, x.numel(), (x.numel() // 50,), generator=g)] = 1e4
+        x.view(-1)[torch.randint(0, x.numel(), (x.numel() // 10,), generator=g)] = float("-inf")
+    return x
+
+
+def _ids(logits: torch.Tensor, seed: int) -> torch.Tensor:
+    """Sampled-like ids: never a −inf entry."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(logits.double().nan_to_num(neginf=-1e30), -1).reshape(-1, logits.shape[-1])
+    return torch.multinomial(probs, 1, generator=g).reshape(logits.shape[:2])
+
+
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def _conditioning(logits: torch.Tensor, temperature: float = 1.0) -> float:
+    """Relative error fp32 arithmetic allows at these logits: log p = z − lse loses ~eps·|z| absolutely."""
+    z_scale = logits[torch.isfinite(logits)].abs().max().item() / temperature
+    return max(1e-5, 8 * FP32_EPS * z_scale)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float, scale: float | None = None) -> None:
+    """max |got − want| ≤ rel · scale, scale = max |want| unless given (log-probs of logits near ±1e4 are
+    differences of ~1e4-sized fp32 numbers: their error scales with the logits, in any fp32 implementation)."""
+    scale = want.abs().max().clamp(min=1e-30) if scale is None else torch.tensor(scale)
+    err = (got.double() - want.double()).abs().max()
+    assert err <= rel * scale, f"max error {err.item():.3g} vs scale {scale.item():.3g}"
+
+
+# ---------------------------------------------------------------------------------------- selective log-probs
+
+
+@pytest.mark.parametrize(("shape", "temperature", "extreme"),
+                         [((2, 3, 1000), 1.0, False), ((3, 1, 1537), 0.7, True), ((1, 4, 3001), 1.3, True)])
+def test_selective_log_probs_and_gradients_match_fp64(shape, temperature, extreme):
+    logits = _logits(*shape, seed=1, extreme=extreme)
+    ids = _ids(logits, 2)
+    x = logits.clone().requires_grad_()
+    logp, ent = selective_log_probs(x, ids, temperature=temperature, return_entropy=True, impl="triton")
+    x64 = logits.double().requires_grad_()
+    logp64, ent64 = ref.selective_log_probs(x64, ids, temperature=temperature, return_entropy=True)
+    assert logp.dtype == torch.float32
+    z_scale = max(1.0, logits[torch.isfinite(logits)].abs().max().item() / temperature)
+    _close(logp, logp64, 1e-6, z_scale)
+    _close(ent, ent64, 1e-5, z_scale)
+    g = torch.Generator().manual_seed(3)
+    up_logp, up_ent = torch.randn(shape[:2], generator=g), torch.randn(shape[:2], generator=g)
+    up_logp[0, 0] = 0  # a row with zero upstream gradient for log p
+    ((logp * up_logp).sum() + (ent * up_ent).sum()).backward()
+    ((logp64 * up_logp).sum() + (ent64 * up_ent).sum()).backward()
+    _close(x.grad, x64.grad, _conditioning(logits, temperature))
+
+
+def test_no_grad_log_probs_equal_the_differentiable_ones():
+    logits = _logits(2, 3, 777, seed=4)
+    ids = _ids(logits, 5)
+    with torch.no_grad():
+        a = selective_log_probs(logits, ids, impl="triton")
+    b = selective_log_probs(logits.clone().requires_grad_(), ids, impl="triton")
+    assert torch.equal(a, b.detach())
+
+
+def test_bf16_and_strided_logits():
+    big = _logits(3, 6, 1001, seed=6).to(torch.bfloat16)
+    logits = big[:, 1:5, :].transpose(0, 1)  # [4, 3, V]: strided in B and T, contiguous in V
+    ids = _ids(logits.float(), 7)
+    got = selective_log_probs(logits, ids, impl="triton")
+    want = ref.selective_log_probs(logits.double(), ids)
+    _close(got, want, 1e-6)
+
+
+def test_reference_gradcheck_fp64():
+    logits = torch.randn(2, 2, 7, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 3], [6, 1]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    adv = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    old = torch.randn(2, 2, dtype=torch.float64) * 0.1 - 2
+    refl = torch.randn(2, 2, dtype=torch.float64) * 0.1 - 2
+    cfg = ref.GRPOConfig(beta=0.1, eps_low=0.5, eps_high=0.5)
+
+    def f(x):
+        return ref.grpo_loss(x, ids, mask, adv, cfg, old_logp=old, ref_logp=refl)[0]
+
+    assert torch.autograd.gradcheck(f, (logits,))
+    assert torch.autograd.gradcheck(lambda x: ref.selective_log_probs(x, ids, return_entropy=True), (logits,))
+
+
+# ---------------------------------------------------------------------------------------- advantages
+
+
+def test_group_advantages_formula():
+    r = torch.tensor([1.0, 0.0, 1.1, 0.1, 2.0, 2.0, 2.0, 2.0])
+    a = group_advantages(r, 4)
+    first = r[:4]
+    torch.testing.assert_close(a[:4], (first - first.mean()) / (first.std() + 1e-4))
+    assert torch.equal(a[4:], torch.zeros(4))  # equal rewards: A = 0
+    torch.testing.assert_close(group_advantages(r, 4, scale="none")[:4], first - first.mean())
+    torch.testing.assert_close(group_advantages(r, 4, scale="batch"), (r - r.view(2, 4).mean(1).repeat_interleave(4))
+                               / (r.std() + 1e-4))
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        group_advantages(r, 1)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(r, 3)
+    with pytest.raises(ValueError, match=r"rewards\[2\]"):
+        group_advantages(torch.tensor([0.0, 1.0, float("nan"), 1.0]), 2)
+
+
+# ---------------------------------------------------------------------------------------- the GRPO loss
+
+B, T, V = 4, 5, 1000
+
+
+def _case(seed: int, *, extreme: bool = False, dtype: torch.dtype = torch.float32):
+    logits = _logits(B, T, V, seed, extreme=extreme).to(dtype)
+    ids = _ids(logits.float(), seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[1] = False  # a fully masked sequence
+    logp = ref.selective_log_probs(logits.double(), ids)
+    old = logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)  # ratios outside the clip range
+    refl = logp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    isw = 0.5 + torch.rand(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    adv[2] = 0.0  # an A = 0 sequence
+    return logits, ids, mask, old, refl, isw, adv
+
+
+def _compare(kwargs: dict, *, seed: int = 10, extreme: bool = False, dtype=torch.float32, rel: float = 1e-5,
+             old=True, refp=True, isw=False, rewards=False):
+    logits, ids, mask, old_logp, ref_logp, is_w, adv = _case(seed, extreme=extreme, dtype=dtype)
+    rel = max(rel, _conditioning(logits.float(), kwargs.get("temperature", 1.0)))
+    extra64 = dict(old_logp=old_logp if old else None, ref_logp=ref_logp if refp else None,
+                   is_weights=is_w if isw else None)
+    extra32 = {k: (None if v is None else v.float()) for k, v in extra64.items()}
+    if rewards:
+        r = torch.tensor([1.0, 0.0, 1.1, 0.1, 0.5, 0.5, 0.5, 0.5])[:B]
+        a32, a64 = dict(rewards=r, group_size=2), dict(rewards=r.double(), group_size=2)
+    else:
+        a32, a64 = dict(advantages=adv.float()), dict(advantages=adv)
+    x = logits.clone().requires_grad_()
+    loss, metrics = grpo_loss(x, ids, mask, **a32, **extra32, **kwargs, return_entropy=True, impl="triton")
+    loss.backward()
+    x64 = logits.double().requires_grad_()
+    loss64, metrics64 = grpo_loss(x64, ids, mask, **a64, **extra64, **kwargs, return_entropy=True, impl="torch")
+    loss64.backward()
+    assert abs(loss.item() - loss64.item()) <= rel * max(1e-6, abs(loss64.item())), (loss.item(), loss64.item())
+    grad_rel = rel if dtype == torch.float32 else 1e-2  # bf16 gradients are rounded to bf16
+    _close(x.grad, x64.grad, grad_rel)
+    for name in ("kl", "clip_low", "clip_high", "clip_region", "entropy"):
+        assert abs(metrics[name].item() - metrics64[name].item()) <= 1e-4 * max(1.0, abs(metrics64[name].item())), name
+    _close(metrics["advantages"], metrics64["advantages"], 1e-5)
+    return x, x64, mask
+
+
+@pytest.mark.parametrize(("loss_type", "kl"), list(itertools.product(["grpo", "bnpo", "dr_grpo", "dapo"],
+                                                                      ["k1", "k2", "k3"])))
+def test_loss_types_and_kl_estimators(loss_type, kl):
+    _compare(dict(loss_type=loss_type, kl=kl, beta=0.04, max_completion_length=8, num_items=11))
+
+
+@pytest.mark.parametrize("clip", [dict(eps_low=0.2), dict(eps_low=0.1, eps_high=0.28), dict(eps_low=0.2, delta=1.5)])
+@pytest.mark.parametrize("isw", [False, True])
+def test_clipping_and_importance_weights(clip, isw):
+    _compare(dict(beta=0.04, **clip), isw=isw, seed=20)
+
+
+def test_on_policy_r1vl_default():
+    """μ = 1 (old_logp=None): ratio = exp(logp − sg(logp)) = 1, the gradient is −A·∇logp plus β·∇KL."""
+    x, x64, mask = _compare(dict(beta=0.04), old=False)
+    rows_without_grad = ~mask  # masked tokens get no gradient
+    assert torch.all(x.grad[rows_without_grad] == 0)
+
+
+def test_zero_advantage_without_kl_skips_rows_but_agrees():
+    x, _, mask = _compare(dict(beta=0.0), old=False, refp=False)
+    assert torch.all(x.grad[2] == 0) and torch.all(x.grad[1] == 0)  # A = 0 row, fully masked row
+
+
+def test_extreme_logits_and_temperature():
+    _compare(dict(beta=0.04, temperature=0.7), extreme=True, seed=30)
+
+
+def test_single_token_completions():
+    logits = _logits(4, 1, 513, seed=40)
+    ids = _ids(logits, 41)
+    mask = torch.ones(4, 1, dtype=torch.long)
+    adv = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    x = logits.clone().requires_grad_()
+    grpo_loss(x, ids, mask, adv, impl="triton")[0].backward()
+    x64 = logits.double().requires_grad_()
+    grpo_loss(x64, ids, mask, adv.double(), impl="torch")[0].backward()
+    _close(x.grad, x64.grad, 1e-5)
+
+
+def test_bf16_inputs():
+    _compare(dict(beta=0.04), dtype=torch.bfloat16, rel=1e-4, seed=50)
+
+
+@pytest.mark.parametrize("scale", ["group", "none", "batch"])
+def test_advantages_from_rewards_inside_the_kernel(scale):
+    _compare(dict(beta=0.04, adv_scale=scale), rewards=True, seed=60)
+
+
+def test_gradient_scaling_and_single_backward():
+    logits, ids, mask, old, refl, _, adv = _case(70)
+    x = logits.clone().requires_grad_()
+    loss, _ = grpo_loss(x, ids, mask, adv.float(), ref_logp=refl.float(), impl="triton")
+    (loss / 4).backward(retain_graph=True)
+    x64 = logits.double().requires_grad_()
+    (grpo_loss(x64, ids, mask, adv, ref_logp=refl, impl="torch")[0] / 4).backward()
+    _close(x.grad, x64.grad, 1e-5)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+
+
+def test_grad_inplace_overwrites_logits_and_autograd_knows():
+    logits, ids, mask, _, refl, _, adv = _case(80)
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1.0  # a non-leaf buffer, as a model's lm_head output would be
+    loss, _ = grpo_loss(x, ids, mask, adv.float(), ref_logp=refl.float(), grad_inplace=True, impl="triton")
+    loss.backward()
+    x64 = logits.double().requires_grad_()
+    grpo_loss(x64, ids, mask, adv, ref_logp=refl, impl="torch")[0].backward()
+    _close(leaf.grad, x64.grad, 1e-5)
+    _close(x.detach(), x64.grad, 1e-5)  # the buffer now holds the gradient
+    # Something else that saved these logits for its own backward must fail, not read the gradient.
+    y = logits.clone().requires_grad_()
+    z = y * 1.0
+    saved = (z**2).sum()  # pow saves z
+    grpo_loss(z, ids, mask, adv.float(), grad_inplace=True, impl="triton")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
+def test_no_grad_loss_reads_once_and_agrees():
+    logits, ids, mask, old, refl, _, adv = _case(90)
+    with torch.no_grad():
+        loss, m = grpo_loss(logits, ids, mask, adv.float(), old_logp=old.float(), ref_logp=refl.float(),
+                            impl="triton")
+    loss64, m64 = grpo_loss(logits.double(), ids, mask, adv, old_logp=old, ref_logp=refl, impl="torch")
+    assert abs(loss.item() - loss64.item()) <= 1e-5 * abs(loss64.item())
+
+
+def test_bad_inputs_are_named():
+    logits, ids, mask, _, _, _, adv = _case(100)
+    with pytest.raises(ValueError, match=r"ids\[0, 0\] = 1000 is outside"):
+        bad = ids.clone()
+        bad[0, 0] = V
+        mask2 = mask.clone()
+        mask2[0, 0] = True
+        grpo_loss(logits, bad, mask2, adv.float(), impl="triton")
+    padded = ids.clone()
+    padded[~mask] = -100  # padding ids under the mask are fine
+    grpo_loss(logits, padded, mask, adv.float(), impl="triton")
+    with pytest.raises(ValueError, match="mask must have shape"):
+        grpo_loss(logits, ids, mask[:, :2], adv.float())
+    with pytest.raises(ValueError, match="contiguous in the vocabulary"):
+        grpo_loss(logits.transpose(1, 2), ids, mask, adv.float())
+    with pytest.raises(ValueError, match="exactly one of"):
+        grpo_loss(logits, ids, mask)
+    with pytest.raises(ValueError, match="kl must be one of"):
+        grpo_loss(logits, ids, mask, adv.float(), kl="k4")
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        grpo_loss(logits, ids, mask.long() * 2, adv.float())
+    with pytest.raises(ValueError, match="delta must exceed"):
+        grpo_loss(logits, ids, mask, adv.float(), delta=1.1)
