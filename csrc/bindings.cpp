@@ -241,7 +241,7 @@ PYBIND11_MODULE(_keystep, m) {
     // Building blocks, exposed so tests can hold each against its Python twin.
     m.def("_set_simd", &QGramFilter::set_simd, py::arg("enabled"),
           "Allow (True) or forbid (False) the AVX2 scan; returns the previous setting. For tests.");
-    m.def("_simd_available", &QGramFilter::simd_available);
+    m.def("_simd_available", &QGramFilter::simd_available, "Whether the AVX2 scan is in use (CPU has it, not turned off).");
     m.def("lower", [](const py::str& s) {
         u32string out;
         lower(to_u32(s.ptr()), out);

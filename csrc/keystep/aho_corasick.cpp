@@ -15,11 +15,6 @@ uint32_t Alphabet::add(char32_t c) {
     return n_classes_++;
 }
 
-size_t AhoCorasick::memory_bytes() const {
-    return sizeof(*this) + rows16_.size() * 2 + rows32_.size() * 4 + out_.size() * 8 + edges_.size() * 8 +
-           (edge_begin_.size() + fail_.size()) * 4;
-}
-
 uint32_t AhoCorasick::goto_edge(uint32_t state, uint32_t cls) const {
     auto b = edges_.begin() + edge_begin_[state], e = edges_.begin() + edge_begin_[state + 1];
     auto it = std::lower_bound(b, e, std::make_pair(cls, uint32_t{0}));
@@ -54,7 +49,7 @@ void AhoCorasick::build(const std::vector<std::pair<u32string, uint32_t>>& patte
     shift_ = 0;
     while ((size_t{1} << shift_) < width_) ++shift_;
     words_ = std::max<size_t>(1, (n_groups + 63) / 64);
-    for (uint32_t c = 0; c < 256; ++c) latin1_class_[c] = alphabet_(unicode::simple_lower(c));
+    for (uint32_t c = 0; c < 256; ++c) byte_class_[c] = alphabet_(c);
     const size_t entries = max_states << shift_;
     if (entries > kMaxDenseEntries || width_ > 65535) {
         build_sparse(patterns);

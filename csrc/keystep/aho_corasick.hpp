@@ -36,8 +36,6 @@ public:
     // Each pattern reports its group (< n_groups); empty patterns are not allowed here.
     void build(const std::vector<std::pair<u32string, uint32_t>>& patterns, uint32_t n_groups);
     bool empty() const { return n_states_ <= 1; }
-    size_t mask_words() const { return words_; }
-    size_t memory_bytes() const;
 
     // Running state of one scan: the automaton state (a row offset in dense tables) and the groups found.
     struct Cursor {
@@ -48,15 +46,14 @@ public:
     // True when texts can be scanned as class sequences (see classes_of / scan_classes).
     bool lane_scannable() const { return (!rows16_.empty() || !rows32_.empty()) && width_ <= 65535; }
 
-    // The class of every character of s (lowered_latin1: s is raw Latin-1 to be matched as str.lower(s)).
+    // The class of every character of s (code points, or Latin-1 bytes read as code points).
     template <typename CharT>
-    void classes_of(const CharT* s, size_t n, bool lowered_latin1, std::vector<uint16_t>& out) const {
+    void classes_of(const CharT* s, size_t n, std::vector<uint16_t>& out) const {
         const size_t at = out.size();
         out.resize(at + n);
         uint16_t* dst = out.data() + at;
-        for (size_t i = 0; i < n; ++i) dst[i] = static_cast<uint16_t>(class_of(s[i], lowered_latin1));
+        for (size_t i = 0; i < n; ++i) dst[i] = static_cast<uint16_t>(class_of(s[i]));
     }
-    uint16_t class_of_char(char32_t c) const { return static_cast<uint16_t>(alphabet_(c)); }
 
     // ORs into `found` the groups of every pattern occurring in the class sequence. Long inputs are cut into
     // lanes that overlap by (longest pattern − 1) and are scanned together, so the per-character chains of
@@ -71,14 +68,14 @@ public:
 
     // Feeds s[0, n) (code points, or Latin-1 bytes read as code points) through the automaton.
     template <typename CharT>
-    void feed(const CharT* s, size_t n, Cursor& cur, bool lowered_latin1 = false) const {
+    void feed(const CharT* s, size_t n, Cursor& cur) const {
         if (empty()) return;
         if (!rows16_.empty()) {
-            feed_dense(rows16_.data(), s, n, cur, lowered_latin1);
+            feed_dense(rows16_.data(), s, n, cur);
         } else if (!rows32_.empty()) {
-            feed_dense(rows32_.data(), s, n, cur, lowered_latin1);
+            feed_dense(rows32_.data(), s, n, cur);
         } else {
-            feed_sparse(s, n, cur, lowered_latin1);
+            feed_sparse(s, n, cur);
         }
     }
 
@@ -87,9 +84,9 @@ public:
 
 private:
     template <typename CharT>
-    uint32_t class_of(CharT c, bool lowered_latin1) const {
+    uint32_t class_of(CharT c) const {
         if constexpr (sizeof(CharT) == 1) {
-            return lowered_latin1 ? latin1_class_[c] : alphabet_(c);
+            return byte_class_[c];
         } else {
             return alphabet_(static_cast<char32_t>(c));
         }
@@ -98,8 +95,7 @@ private:
     // Dense: each entry is the next state's row offset (state << shift_), so the dependent chain per
     // character is one add and one load; the state index (for the output masks) is a shift off that chain.
     template <typename T, typename CharT>
-    void feed_dense(const T* rows, const CharT* s, size_t n, Cursor& cur, bool lowered_latin1,
-                    bool already_classes = false) const {
+    void feed_dense(const T* rows, const CharT* s, size_t n, Cursor& cur, bool already_classes = false) const {
         uint32_t row = cur.state;
         const uint64_t* out = out_.data();
         const unsigned shift = shift_;
@@ -112,14 +108,14 @@ private:
                 }
             } else {
                 for (size_t i = 0; i < n; ++i) {
-                    row = rows[row + class_of(s[i], lowered_latin1)];
+                    row = rows[row + class_of(s[i])];
                     found |= out[row >> shift];
                 }
             }
             cur.found[0] = found;
         } else {
             for (size_t i = 0; i < n; ++i) {
-                row = rows[row + (already_classes ? static_cast<uint32_t>(s[i]) : class_of(s[i], lowered_latin1))];
+                row = rows[row + (already_classes ? static_cast<uint32_t>(s[i]) : class_of(s[i]))];
                 const uint64_t* o = out + (row >> shift) * words_;
                 for (size_t w = 0; w < words_; ++w) cur.found[w] |= o[w];
             }
@@ -165,18 +161,18 @@ private:
             // the tail restarts from the root `overlap` characters early, like a lane
             const size_t from = done - overlap;
             Cursor cur{0, found};
-            feed_dense(rows, cls + from, n - from, cur, false, true);
+            feed_dense(rows, cls + from, n - from, cur, true);
             return;
         }
         Cursor cur{0, found};
-        feed_dense(rows, cls, n, cur, false, true);
+        feed_dense(rows, cls, n, cur, true);
     }
 
     template <typename CharT>
-    void feed_sparse(const CharT* s, size_t n, Cursor& cur, bool lowered_latin1) const {
+    void feed_sparse(const CharT* s, size_t n, Cursor& cur) const {
         uint32_t state = cur.state;
         for (size_t i = 0; i < n; ++i) {
-            state = sparse_step(state, class_of(s[i], lowered_latin1));
+            state = sparse_step(state, class_of(s[i]));
             const uint64_t* o = &out_[static_cast<size_t>(state) * words_];
             for (size_t w = 0; w < words_; ++w) cur.found[w] |= o[w];
         }
@@ -192,7 +188,7 @@ private:
     static constexpr uint32_t kNone = 0xFFFFFFFFu;
 
     Alphabet alphabet_;
-    uint32_t latin1_class_[256] = {};  // class of str.lower(c) for c < 256 (Latin-1 lower-cases within Latin-1)
+    uint32_t byte_class_[256] = {};  // class of each Latin-1 character (texts arrive lower-cased)
     uint32_t width_ = 1, n_states_ = 0;
     unsigned shift_ = 0;               // rows are 1 << shift_ entries wide (>= width_)
     size_t words_ = 1;

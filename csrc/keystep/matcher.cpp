@@ -160,7 +160,7 @@ void exact_search(const CharT* s, size_t n, const KeySteps& ks, Scratch& scratch
     if (ac.lane_scannable()) {
         std::vector<uint16_t>& cls = scratch.classes;
         cls.clear();
-        ac.classes_of(s, n, /*lowered_latin1=*/sizeof(CharT) == 1, cls);  // lower() is idempotent on Latin-1
+        ac.classes_of(s, n, cls);
         ac.scan_classes(cls.data(), cls.size(), found);
     } else {
         AhoCorasick::Cursor cursor{0, found};

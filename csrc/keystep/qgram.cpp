@@ -53,7 +53,7 @@ bool QGramFilter::build(const Patterns& patterns) {
         used += len;
         uint32_t key = 0;
         for (size_t j = 0; j < q_; ++j) key |= fold(c[j]) << (8 * j);
-        const uint32_t h = hash(key, q_);
+        const uint32_t h = hash(key);
         for (const uint32_t b : {bit1(h), bit2(h)}) table_[b >> 6] |= uint64_t{1} << (b & 63);
         for (unsigned t = 0; t < 3; ++t) {
             const uint32_t b = (h >> (24 - 8 * t)) & 255;
@@ -91,7 +91,7 @@ __attribute__((target("avx2"))) uint32_t QGramFilter::next_marked_avx2(const uin
     const __m256i spread = _mm256_setr_epi8(0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 3, 4, 5, 6,  //
                                             4, 5, 6, 7, 5, 6, 7, 8, 6, 7, 8, 9, 7, 8, 9, 10);
     const __m256i mask = _mm256_set1_epi32(static_cast<int>(key_mask_));
-    const __m256i multiplier = _mm256_set1_epi32(static_cast<int>(kMultiplier[q_]));
+    const __m256i multiplier = _mm256_set1_epi32(static_cast<int>(kMultiplier));
     const __m256i low5 = _mm256_set1_epi32(31), one = _mm256_set1_epi32(1);
     // Three 256-bit Bloom tables live in registers; vpermd picks each lane's 32-bit word (it reads only
     // the low three bits of the index), so no gather is needed.

@@ -71,7 +71,7 @@ private:
         bool latin1;  // every character < 256
     };
     struct Entry {
-        uint32_t hash;     // hash(key, q): a bijection of the key, so equal hashes mean equal (folded) keys
+        uint32_t hash;     // hash(key): a bijection of the key, so equal hashes mean equal (folded) keys
         uint32_t pattern;  // index into patterns_
     };
 
@@ -90,7 +90,7 @@ private:
         }
     }
     // Multiplying by an odd constant permutes 32-bit words; the filter's two bits are cut from the product.
-    static uint32_t hash(uint32_t key, size_t q) { return key * kMultiplier[q]; }  // q: the key's length
+    static uint32_t hash(uint32_t key) { return key * kMultiplier; }
     static uint32_t bit1(uint32_t h) { return h >> (32 - kBits); }
     static uint32_t bit2(uint32_t h) { return (h >> 8) & ((1u << kBits) - 1); }
     bool test(uint32_t b) const { return (table_[b >> 6] >> (b & 63)) & 1; }
@@ -101,7 +101,7 @@ private:
     bool verify(const CharT* s, size_t n, size_t i, size_t q, uint32_t h, uint64_t* found, uint32_t& remaining,
                 int64_t& budget) const;  // q: always q_ (passed to keep it in a register)
 
-    static constexpr uint32_t kMultiplier[kMaxQ + 1] = {0, 0x9E3779B1u, 0x85EBCA77u, 0xC2B2AE3Du, 0x27D4EB2Fu};
+    static constexpr uint32_t kMultiplier = 0x9E3779B1u;
 
     bool usable_ = false;
     bool simd_useful_ = false;
@@ -173,7 +173,7 @@ bool QGramFilter::scan(const CharT* s, size_t n, uint64_t* found) const {
     const size_t q = q_;
     const uint32_t mask = key_mask_;
     auto check = [&](size_t at, uint32_t key) {
-        const uint32_t h = hash(key & mask, q);
+        const uint32_t h = hash(key & mask);
         return marked(h) && (!verify(s, n, at, q, h, found, remaining, budget) || remaining == 0);
     };
     if constexpr (sizeof(CharT) == 1) {
@@ -191,8 +191,8 @@ bool QGramFilter::scan(const CharT* s, size_t n, uint64_t* found) const {
         // Four positions per round; the rare round with a marked position is redone one by one.
         const size_t full = n - kMaxQ;  // four characters can be read at positions [0, full]
         for (; i + 3 <= full; i += 4) {
-            const uint32_t h0 = hash(pack4(s + i) & mask, q), h1 = hash(pack4(s + i + 1) & mask, q);
-            const uint32_t h2 = hash(pack4(s + i + 2) & mask, q), h3 = hash(pack4(s + i + 3) & mask, q);
+            const uint32_t h0 = hash(pack4(s + i) & mask), h1 = hash(pack4(s + i + 1) & mask);
+            const uint32_t h2 = hash(pack4(s + i + 2) & mask), h3 = hash(pack4(s + i + 3) & mask);
             if (test(bit1(h0)) | test(bit1(h1)) | test(bit1(h2)) | test(bit1(h3))) {
                 for (size_t k = 0; k < 4; ++k)
                     if (check(i + k, pack4(s + i + k))) return budget >= 0;

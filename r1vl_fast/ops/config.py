@@ -65,7 +65,8 @@ def token_weights(mask: torch.Tensor, config: GRPOConfig, num_items: float | Non
         return m / m.sum().clamp(min=1)
     if config.loss_type == "dr_grpo":
         return m / (batch * (config.max_completion_length or length))
-    total = m.sum().clamp(min=1) if num_items is None else torch.as_tensor(float(num_items), dtype=m.dtype)
-    if num_items is not None and not float(num_items) > 0:
+    if num_items is None:
+        return m / m.sum().clamp(min=1)
+    if not float(num_items) > 0:
         raise ValueError(f"num_items must be > 0, got {num_items!r}")
-    return m / total
+    return m / float(num_items)

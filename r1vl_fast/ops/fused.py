@@ -154,6 +154,11 @@ def group_advantages(
     (Dr. GRPO). ``unbiased`` divides the variance by G − 1, as torch.std and the R1-VL code do.
     """
     _check_group(rewards, group_size, unbiased, scale)
+    return _advantages(rewards, group_size, eps, unbiased, scale)
+
+
+def _advantages(rewards: torch.Tensor, group_size: int, eps: float, unbiased: bool, scale: str) -> torch.Tensor:
+    """group_advantages on checked inputs, in fp32 (fp64 stays fp64)."""
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     return reference.group_advantages(rewards.to(dtype), group_size, eps=eps, unbiased=unbiased, scale=scale)
 
@@ -336,8 +341,7 @@ def grpo_loss(
     weights = token_weights(mask, config, num_items)
     if _resolve_impl(impl, logits) == "torch":
         if rewards is not None:
-            advantages = group_advantages(rewards, group_size or 1, eps=adv_eps, unbiased=adv_unbiased,
-                                          scale=adv_scale)
+            advantages = _advantages(rewards, group_size or 1, adv_eps, adv_unbiased, adv_scale)
         assert advantages is not None
         loss, metrics = reference.grpo_loss(logits, ids, mask, advantages, config, old_logp=old_logp,
                                             ref_logp=ref_logp, is_weights=is_weights, num_items=num_items)
@@ -347,8 +351,7 @@ def grpo_loss(
         return loss, metrics
 
     if rewards is not None and adv_scale == "batch":  # needs the whole batch's std: computed first
-        advantages, rewards = group_advantages(rewards, group_size or 1, eps=adv_eps, unbiased=adv_unbiased,
-                                               scale="batch"), None
+        advantages, rewards = _advantages(rewards, group_size or 1, adv_eps, adv_unbiased, "batch"), None
 
     def f32(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.to(torch.float32).contiguous()
