@@ -1,0 +1,111 @@
+"""Checkpoints: a ``save_pretrained`` directory (model + tokenizer/processor, loadable by transformers and vLLM) plus
+the trainer state (optimizer, scheduler, every library's RNG, data position, step), written atomically.
+
+A checkpoint is assembled in a hidden ``.tmp-checkpoint-N`` directory and renamed to ``checkpoint-N`` only when
+complete, with ``trainer_state.json`` written last; ``latest`` only considers directories that have it. A kill during
+a save therefore never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "trainer_state.pt"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    output_dir: str | Path, step: int, *, model: Any, processing: Any, state: dict[str, Any],
+    tensors: dict[str, Any], save_total_limit: int | None = None,
+) -> Path:
+    """Write ``output_dir/checkpoint-{step}`` atomically; ``state`` is JSON, ``tensors`` go through torch.save."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".tmp-checkpoint-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processing.save_pretrained(tmp)
+    torch.save({**tensors, "rng": rng_state()}, tmp / TENSORS_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(output_dir, save_total_limit)
+    return final
+
+
+def _complete(output_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            m = _NAME.match(p.name)
+            if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / TENSORS_FILE).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _prune(output_dir: Path, limit: int | None) -> None:
+    if limit is None:
+        return
+    for _, path in _complete(output_dir)[:-limit] if limit > 0 else []:
+        shutil.rmtree(path)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = _complete(Path(output_dir))
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
+    """``latest`` (the newest complete checkpoint in ``output_dir``) or a checkpoint directory."""
+    if spec == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+        return path
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file() or not (path / TENSORS_FILE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a complete checkpoint "
+                                f"(no {STATE_FILE} / {TENSORS_FILE})")
+    return path
+
+
+def load_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    state = json.loads((path / STATE_FILE).read_text())
+    tensors = torch.load(path / TENSORS_FILE, weights_only=False, map_location="cpu")
+    return state, tensors

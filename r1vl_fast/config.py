@@ -1,0 +1,258 @@
+"""Run configuration: one dataclass per recipe, defaults written once, documented in ``--help``.
+
+Values are resolved as: dataclass defaults < ``--preset`` < ``--config run.yaml`` < ``--key value`` on the command
+line. Option names follow TRL's GRPOConfig / SFTConfig where one exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class RunConfig:
+    """Options shared by ``r1vl_fast.train`` and ``r1vl_fast.sft``."""
+
+    model_name_or_path: str | None = _opt(None, "Model to train: a HF hub id or a save_pretrained directory "
+                                               "(Qwen2-VL, Qwen2.5-VL, or a causal LM for text datasets). "
+                                               "Unset with no --dataset: the built-in demo.")
+    dataset: str | None = _opt(None, "Training data: a JSON array or JSONL file.")
+    image_root: str | None = _opt(None, "Directory the rows' image paths are relative to (default: the dataset's).")
+    eval_dataset: str | None = _opt(None, "Held-out rows (same format) scored before and after training.")
+    output_dir: str | None = _opt(None, "Where checkpoints, metrics.jsonl and TensorBoard events go "
+                                        "(default: runs/<demo|run>-<time>).")
+    preset: str | None = _opt(None, "Recipe preset applied before --config and the command line.",
+                              ("demo", "r1vl-2b", "r1vl-7b"))
+    seed: int = _opt(42, "Seed of every random number generator (data order, sampling, initialisation).")
+    learning_rate: float = _opt(1e-6, "Peak AdamW learning rate.")
+    lr_scheduler_type: str = _opt("linear", "Learning-rate schedule (transformers.get_scheduler).",
+                                  ("linear", "cosine", "constant", "constant_with_warmup"))
+    warmup_ratio: float = _opt(0.0, "Fraction of the steps spent warming up the learning rate.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
+    per_device_train_batch_size: int = _opt(1, "Prompts (train) or sequences (sft) per micro-batch.")
+    gradient_accumulation_steps: int = _opt(4, "Micro-batches per optimizer step.")
+    max_steps: int = _opt(-1, "Optimizer steps to run; -1: derive from --num_train_epochs.")
+    num_train_epochs: float = _opt(1.0, "Epochs over the dataset when --max_steps is -1.")
+    save_steps: int = _opt(500, "Save a checkpoint every this many optimizer steps (and at the end).")
+    save_total_limit: int | None = _opt(None, "Keep only the newest this many checkpoints.")
+    logging_steps: int = _opt(1, "Write TensorBoard / W&B scalars every this many steps (metrics.jsonl: every step).")
+    report_to: str = _opt("tensorboard", "Trackers, comma-separated: tensorboard, wandb, none.")
+    bf16: bool | None = _opt(None, "Train in bfloat16 (default: on when a CUDA GPU supports it).")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    min_pixels: int = _opt(3136, "Smallest image area after resizing (pixels).")
+    max_pixels: int = _opt(400000, "Largest image area after resizing (pixels).")
+    skip_invalid: bool = _opt(False, "Skip (and count) invalid rows and over-long prompts instead of stopping.")
+    resume_from_checkpoint: str | None = _opt(None, "A checkpoint directory, or 'latest' in --output_dir.")
+    device: str = _opt("auto", "Training device: auto (cuda if present), cuda, cpu.")
+
+    def validate(self) -> None:
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps",
+                    "min_pixels", "max_pixels")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"--min_pixels ({self.min_pixels}) exceeds --max_pixels ({self.max_pixels})")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be >= 1, or -1 to use --num_train_epochs; got {self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate < 0:
+            raise ValueError(f"--learning_rate must be >= 0, got {self.learning_rate}")
+        for name in self.trackers:
+            if name not in ("tensorboard", "wandb"):
+                raise ValueError(f"--report_to: unknown tracker {name!r} (tensorboard, wandb, none)")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+
+    @property
+    def trackers(self) -> list[str]:
+        return [t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"]
+
+    @property
+    def is_demo(self) -> bool:
+        return self.preset == "demo"
+
+
+@dataclass
+class GRPOTrainConfig(RunConfig):
+    """StepGRPO (``python -m r1vl_fast.train``)."""
+
+    num_generations: int = _opt(4, "G: completions sampled per prompt.")
+    temperature: float = _opt(1.2, "Sampling temperature of the rollouts.")
+    top_p: float = _opt(1.0, "Nucleus sampling threshold of the rollouts.")
+    top_k: int = _opt(0, "Top-k sampling of the rollouts (0: off).")
+    logprob_temperature: float | None = _opt(None, "Temperature the log-probs are scored at (default: "
+                                                   "--temperature; the r1vl presets use 1.0 as released).")
+    max_prompt_length: int = _opt(512, "Longest prompt in tokens, image tokens included; longer prompts are "
+                                       "reported (never cut), or skipped with --skip_invalid.")
+    max_completion_length: int = _opt(1024, "Most tokens sampled per completion.")
+    beta: float = _opt(0.04, "KL coefficient (0: no reference model).")
+    kl_estimator: str = _opt("k3", "KL estimator.", ("k1", "k2", "k3"))
+    epsilon: float = _opt(0.2, "PPO clip range below 1 (and above, unless --epsilon_high).")
+    epsilon_high: float | None = _opt(None, "PPO clip range above 1 (default: --epsilon).")
+    delta: float | None = _opt(None, "Upper bound on the unclipped ratio (two-sided clipping).")
+    loss_type: str = _opt("grpo", "Loss reduction.", ("grpo", "bnpo", "dr_grpo", "dapo"))
+    num_iterations: int = _opt(1, "mu: policy updates per rollout batch.")
+    scale_rewards: str = _opt("group", "Advantage scale: group std (GRPO), batch std, or none (Dr. GRPO).",
+                              ("group", "batch", "none"))
+    reward_preset: str = _opt("paper", "Reward definitions (SPEC): paper, or r1vl (the released code).",
+                              ("paper", "r1vl"))
+    step_rar_alpha: float = _opt(0.1, "alpha: weight of the key-step fraction in StepRAR.")
+    rollout_engine: str = _opt("hf", "Rollout engine: hf (transformers generate).", ("hf",))
+    log_completions_steps: int = _opt(10, "Write sample completions to completions.jsonl every this many steps.")
+    num_completions_to_log: int = _opt(4, "Completions written each time.")
+    sft_steps: int = _opt(60, "Demo only: SFT warm-up steps before StepGRPO.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_generations < 2:
+            raise ValueError(f"--num_generations must be >= 2 (advantages compare completions), "
+                             f"got {self.num_generations}")
+        for name in ("max_prompt_length", "max_completion_length", "num_iterations", "log_completions_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.logprob_temperature is not None and not self.logprob_temperature > 0:
+            raise ValueError(f"--logprob_temperature must be > 0, got {self.logprob_temperature}")
+        if self.beta < 0:
+            raise ValueError(f"--beta must be >= 0, got {self.beta}")
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """SFT warm-up on Mulberry-format data (``python -m r1vl_fast.sft``)."""
+
+    learning_rate: float = _opt(2e-5, "Peak AdamW learning rate.")
+    lr_scheduler_type: str = _opt("cosine", "Learning-rate schedule (transformers.get_scheduler).",
+                                  ("linear", "cosine", "constant", "constant_with_warmup"))
+    warmup_ratio: float = _opt(0.03, "Fraction of the steps spent warming up the learning rate.")
+    num_train_epochs: float = _opt(2.0, "Epochs over the dataset when --max_steps is -1.")
+    max_length: int = _opt(2048, "Longest training sequence in tokens (prompt + response); longer rows are "
+                                 "reported, or skipped with --skip_invalid.")
+
+
+# Presets (SPEC.md, "Recipe"). The released scripts ran 4 GPUs with per-device batch 1 x accumulation 4 for RL and
+# a global batch of 128 for SFT; on one process we keep the per-device values.
+_R1VL_RL = dict(num_generations=4, temperature=1.2, logprob_temperature=1.0, max_prompt_length=512,
+                max_completion_length=1024, max_pixels=400000, min_pixels=3136, learning_rate=1e-6,
+                lr_scheduler_type="linear", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, beta=0.04,
+                per_device_train_batch_size=1, gradient_accumulation_steps=4, bf16=True, max_steps=13125,
+                reward_preset="r1vl", loss_type="grpo", num_iterations=1, kl_estimator="k3",
+                gradient_checkpointing=True)
+_R1VL_SFT = dict(lr_scheduler_type="cosine", warmup_ratio=0.03, num_train_epochs=2.0, per_device_train_batch_size=4,
+                 gradient_accumulation_steps=8, bf16=True, max_pixels=400000, min_pixels=3136,
+                 gradient_checkpointing=True)
+PRESETS: dict[str, dict[type, dict[str, Any]]] = {
+    "r1vl-2b": {GRPOTrainConfig: _R1VL_RL, SFTConfig: {**_R1VL_SFT, "learning_rate": 2e-5}},
+    "r1vl-7b": {GRPOTrainConfig: {**_R1VL_RL, "temperature": 1.0}, SFTConfig: {**_R1VL_SFT, "learning_rate": 5e-6}},
+    "demo": {
+        GRPOTrainConfig: dict(
+            num_generations=4, temperature=1.0, max_prompt_length=64, max_completion_length=112, min_pixels=3136,
+            max_pixels=3136, learning_rate=2e-4, lr_scheduler_type="constant", warmup_ratio=0.0, beta=0.01,
+            per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=120, save_steps=40,
+            log_completions_steps=10, bf16=False, device="cpu",
+        ),
+        SFTConfig: dict(
+            learning_rate=2e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, per_device_train_batch_size=8,
+            gradient_accumulation_steps=1, max_steps=60, save_steps=1000, max_length=160, min_pixels=3136,
+            max_pixels=3136, bf16=False, device="cpu",
+        ),
+    },
+}
+
+
+def _unwrap(annotation: Any) -> tuple[type, bool]:
+    """(base type, optional?) of a field annotation such as ``int | None``."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {**vars(typing), **vars(types)}, {})  # dataclass string annotations
+    args = typing.get_args(annotation)
+    if args and type(None) in args:
+        base = next(a for a in args if a is not type(None))
+        return base, True
+    return annotation, False
+
+
+def _parse_value(name: str, text: str, base: type, optional: bool) -> Any:
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    if base is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"--{name} expects true or false, got {text!r}")
+    try:
+        return base(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--{name} expects {base.__name__}, got {text!r}") from None
+
+
+def build_parser(cls: type[RunConfig], prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=(cls.__doc__ or "").strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="A YAML file of option: value pairs (overrides the preset).")
+    for f in dataclasses.fields(cls):
+        base, optional = _unwrap(f.type)
+        choices = f.metadata.get("choices")
+        extra = f" One of: {', '.join(choices)}." if choices else ""
+        help_text = f"{f.metadata.get('help', '')}{extra} (default: {f.default})".replace("%", "%%")
+        parser.add_argument(
+            f"--{f.name}", metavar=base.__name__.upper(), nargs="?" if base is bool else None,
+            const="true" if base is bool else None, help=help_text,
+            type=lambda s, n=f.name, b=base, o=optional: _parse_value(n, s, b, o),
+        )
+    return parser
+
+
+def parse_config(cls: type[RunConfig], argv: list[str] | None, prog: str) -> RunConfig:
+    """Command line (and its --config YAML and --preset) → a validated config of type ``cls``."""
+    args = vars(build_parser(cls, prog).parse_args(argv))
+    from_yaml: dict[str, Any] = {}
+    if "config" in args:
+        path = Path(args.pop("config"))
+        if not path.is_file():
+            raise FileNotFoundError(f"--config: no such file {path}")
+        from_yaml = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(from_yaml, dict):
+            raise ValueError(f"{path}: expected a mapping of option: value, got {type(from_yaml).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in from_yaml:
+            if key not in names:
+                raise ValueError(f"{path}: unknown option {key!r}")
+    preset = args.get("preset", from_yaml.get("preset"))
+    given = set(args) | set(from_yaml)
+    if preset is None and cls is GRPOTrainConfig and not given & {"dataset", "model_name_or_path"}:
+        preset = "demo"  # no data and no model: the built-in demo
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
+        values.update(PRESETS[preset].get(cls, {}), preset=preset)
+    values.update(from_yaml)
+    values.update(args)
+    config = cls(**values)
+    config.validate()
+    return config
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,176 @@
+"""Turns a problem (and its image) into model inputs: the chat prompt, the resized image's pixel patches, and
+as many ``<|image_pad|>`` tokens as the vision encoder will emit for it.
+
+Images are resized once, with Qwen2-VL's rule (sides multiples of patch × merge, area within min/max pixels), so the
+token count known at validation time is the one the model sees; the same sizes are what a vLLM engine is given.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass
+class PromptInputs:
+    """One tokenised prompt; ``pixel_values`` [patches, C·T·P·P] and ``image_grid_thw`` [1, 3] when it has an image."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize rule: sides rounded to multiples of ``factor``, area brought within [min, max] pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as rule
+
+    return rule(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+class Processing:
+    """Tokenizer + (for vision-language models) Qwen2-VL image processor, with a fixed pixel budget."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any | None, *, min_pixels: int, max_pixels: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        if image_processor is not None:
+            image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+            for attr in ("min_pixels", "max_pixels"):
+                if hasattr(image_processor, attr):
+                    setattr(image_processor, attr, min_pixels if attr == "min_pixels" else max_pixels)
+            self.patch_size = int(image_processor.patch_size)
+            self.merge_size = int(image_processor.merge_size)
+        vocab = tokenizer.get_vocab()
+        self.image_token_id = vocab.get("<|image_pad|>")
+        self.vision_token_ids = [vocab[t] for t in VISION_TOKENS if t in vocab]
+        stops = [vocab[t] for t in STOP_TOKENS if t in vocab]
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+            stops.insert(0, tokenizer.eos_token_id)
+        if not stops:
+            raise ValueError("the tokenizer has no end-of-sequence token (<|im_end|>, <|endoftext|> or eos_token)")
+        self.stop_token_ids = stops
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
+
+    @property
+    def multimodal(self) -> bool:
+        return self.image_processor is not None
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, min_pixels: int, max_pixels: int, multimodal: bool) -> Processing:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = None
+        if multimodal:
+            # The PIL processor needs no torchvision (absent beside the CPU torch build); same arithmetic.
+            from transformers import Qwen2VLImageProcessorPil
+
+            config = Path(path) / "preprocessor_config.json"
+            kwargs: dict[str, Any] = {}
+            if config.is_file():
+                saved = json.loads(config.read_text())
+                kwargs = {k: saved[k] for k in ("patch_size", "merge_size", "temporal_patch_size", "image_mean",
+                                                 "image_std") if k in saved}
+                image_processor = Qwen2VLImageProcessorPil(**kwargs)
+            else:
+                image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+        return cls(tokenizer, image_processor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(path)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(path)
+
+    # ------------------------------------------------------------------------------------------------ images
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an image of this size is resized to."""
+        h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        return w, h
+
+    def image_token_count(self, width: int, height: int) -> int:
+        w, h = self.resized_size(width, height)
+        return (w // self.patch_size) * (h // self.patch_size) // (self.merge_size**2)
+
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        image = image.convert("RGB")
+        size = self.resized_size(*image.size)
+        return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
+
+    # ------------------------------------------------------------------------------------------------ text
+
+    def _messages(self, problem: str, has_image: bool) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = [{"type": "image"}] if has_image else []
+        content.append({"type": "text", "text": problem})
+        return [{"role": "user", "content": content}]
+
+    def prompt_ids(self, problem: str, image_tokens: int | None) -> list[int]:
+        """Token ids of the chat prompt, each image placeholder expanded to ``image_tokens`` pad tokens."""
+        has_image = image_tokens is not None
+        if has_image and not self.multimodal:
+            raise ValueError("a row has an image but the model is text-only")
+        messages = self._messages(problem, has_image)
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = problem
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if has_image:
+            at = ids.index(self.image_token_id)
+            ids = ids[:at] + [self.image_token_id] * image_tokens + ids[at + 1:]
+        return ids
+
+    def encode_prompt(self, problem: str, image: Image.Image | None) -> PromptInputs:
+        if image is None:
+            return PromptInputs(self.prompt_ids(problem, None))
+        image = self.prepare_image(image)
+        out = self.image_processor(images=[image], return_tensors="pt")
+        grid = out["image_grid_thw"]
+        tokens = int(grid.prod()) // (self.merge_size**2)
+        return PromptInputs(self.prompt_ids(problem, tokens), out["pixel_values"], grid)
+
+    def encode_response(self, text: str) -> list[int]:
+        """A response's ids as the model should produce them: the text, then the end-of-turn token."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.stop_token_ids[0]]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def batch_inputs(
+    processing: Processing, prompts: list[PromptInputs], responses: list[list[int]] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Model inputs for prompts (left-padded) optionally followed by responses (right-padded to a common length).
+
+    Vision-language models also get the concatenated pixel patches, ``image_grid_thw`` and ``mm_token_type_ids``.
+    """
+    width = max(len(p.input_ids) for p in prompts)
+    resp_width = max((len(r) for r in responses), default=0) if responses is not None else 0
+    ids = torch.full((len(prompts), width + resp_width), processing.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        n = len(p.input_ids)
+        ids[i, width - n: width] = torch.tensor(p.input_ids)
+        attention[i, width - n: width] = 1
+        if responses is not None:
+            r = responses[i]
+            ids[i, width: width + len(r)] = torch.tensor(r, dtype=torch.long)
+            attention[i, width: width + len(r)] = 1
+    batch = {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
+    if processing.multimodal:
+        with_images = [p for p in prompts if p.pixel_values is not None]
+        if with_images:
+            batch["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(device)
+            batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images]).to(device)
+        batch["mm_token_type_ids"] = (batch["input_ids"] == processing.image_token_id).to(torch.int32)
+    return batch

@@ -1,0 +1,139 @@
+"""What every recipe (train, sft) does around its trainer's ``step()``: pick the device and output directory, seed,
+resume, log each step, save every ``save_steps`` and at the end, and stop cleanly on SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from r1vl_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint, set_rng_state
+from r1vl_fast.config import RunConfig, to_dict
+from r1vl_fast.tracking import RunLog
+
+log = logging.getLogger("r1vl_fast")
+
+
+class Trainer(Protocol):
+    policy: Any
+    step_idx: int
+    total_steps: int
+
+    def step(self) -> dict[str, Any]: ...
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]: ...
+    def load_state(self, state: dict[str, Any], tensors: dict[str, Any]) -> None: ...
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def resolve_device(config: RunConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    return torch.device(config.device)
+
+
+def resolve_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
+    bf16 = config.bf16
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if bf16 and device.type == "cpu":
+        log.warning("--bf16 on CPU: bfloat16 matmuls on CPU are slow")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def output_dir_for(config: RunConfig, kind: str) -> Path:
+    if config.output_dir is not None:
+        return Path(config.output_dir)
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resume_point(config: RunConfig, output_dir: Path) -> Path | None:
+    if config.resume_from_checkpoint is None:
+        return None
+    return resolve_checkpoint(config.resume_from_checkpoint, output_dir)
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM ask the loop to finish the current step, save and exit 0; a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)",
+                    self.requested)
+
+    def __enter__(self) -> GracefulStop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: signals stay with the caller
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run_loop(trainer: Trainer, config: RunConfig, output_dir: Path, processing: Any, *, kind: str,
+             on_step: Any = None, checkpoint: Path | None = None) -> Path:
+    """Steps ``trainer`` to ``total_steps`` with logging and checkpoints; returns the last checkpoint."""
+    if checkpoint is not None:
+        state, tensors = load_state(checkpoint)
+        trainer.load_state(state, tensors)
+        set_rng_state(tensors["rng"])
+        log.info("resumed from %s at step %d", checkpoint, trainer.step_idx)
+    (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
+    runlog = RunLog(output_dir, trackers=config.trackers, total_steps=trainer.total_steps,
+                    start_step=trainer.step_idx, logging_steps=config.logging_steps, config=to_dict(config),
+                    desc=kind)
+    last = checkpoint
+
+    def save() -> Path:
+        state, tensors = trainer.state()
+        return save_checkpoint(output_dir, trainer.step_idx, model=trainer.policy, processing=processing,
+                               state=state, tensors=tensors, save_total_limit=config.save_total_limit)
+
+    try:
+        with GracefulStop() as stop:
+            while trainer.step_idx < trainer.total_steps:
+                metrics = trainer.step()
+                runlog.log(metrics)
+                if on_step is not None:
+                    on_step(trainer, runlog, metrics)
+                if trainer.step_idx % config.save_steps == 0 or trainer.step_idx == trainer.total_steps:
+                    last = save()
+                if stop.requested:
+                    if last is None or not last.name.endswith(f"-{trainer.step_idx}"):
+                        last = save()
+                    log.warning("stopped by %s after step %d; resume with --resume_from_checkpoint latest",
+                                stop.requested, trainer.step_idx)
+                    break
+    finally:
+        runlog.close()
+    if last is None:  # nothing to do (already at total_steps)
+        last = save()
+    return last

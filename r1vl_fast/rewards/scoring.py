@@ -1,0 +1,54 @@
+"""StepRAR + StepRVR for a batch of completions, each scored against its own sample's solution and key steps.
+
+Completions carry the index of the sample they answer, so rewards stay aligned whatever the batch layout (the
+released code misaligns them when a device holds more than G completions). Key steps are compiled once per dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from r1vl_fast.rewards.key_steps import compile_key_steps
+from r1vl_fast.rewards.step_rar import Preset, score_step_rar
+from r1vl_fast.rewards.step_rvr import step_rvr
+
+
+@dataclass
+class RewardBreakdown:
+    """Per completion: the total r = StepRAR + StepRVR and its parts (float32 / bool arrays of length B)."""
+
+    total: np.ndarray
+    step_rar: np.ndarray
+    step_rvr: np.ndarray
+    correct: np.ndarray
+    key_steps: np.ndarray
+
+    def row(self, i: int) -> dict[str, Any]:
+        return {"reward": float(self.total[i]), "step_rar": float(self.step_rar[i]),
+                "step_rvr": float(self.step_rvr[i]), "correct": bool(self.correct[i]),
+                "key_steps": float(self.key_steps[i])}
+
+
+class StepRewards:
+    """The StepGRPO reward of a dataset: ``rewards(texts, sample_ids)``."""
+
+    def __init__(self, solutions: Sequence[str], key_steps: Sequence[dict[str, Any]], *, preset: Preset = "paper",
+                 alpha: float = 0.1) -> None:
+        self.solutions = list(solutions)
+        self.preset, self.alpha = preset, alpha
+        mode, min_len = ("r1vl", 0) if preset == "r1vl" else ("normalized", 1)
+        self.key_steps = compile_key_steps(list(key_steps), mode=mode, min_alt_len=min_len)
+
+    def __call__(self, texts: Sequence[str], sample_ids: Sequence[int]) -> RewardBreakdown:
+        if len(texts) != len(sample_ids):
+            raise ValueError(f"{len(texts)} completions but {len(sample_ids)} sample ids")
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        rar = score_step_rar(list(texts), [self.solutions[i] for i in ids], self.key_steps[ids], preset=self.preset,
+                             alpha=self.alpha)
+        rvr = step_rvr(list(texts), preset=self.preset)
+        return RewardBreakdown(total=(rar.reward + rvr).astype(np.float32), step_rar=rar.reward, step_rvr=rvr,
+                               correct=rar.correct, key_steps=rar.key_steps.astype(np.float32))

@@ -1,0 +1,96 @@
+"""Rollout engines: sample G completions per prompt. ``RolloutEngine`` is the interface the trainer uses;
+``HFRolloutEngine`` samples with transformers ``generate`` from the policy itself (colocated, always in sync)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from r1vl_fast.processing import Processing, PromptInputs, batch_inputs
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    greedy: bool = False
+
+
+@dataclass
+class Rollouts:
+    """Completions in prompt-major order (the G completions of prompt i are rows i·G … i·G + G − 1).
+
+    ``completion_ids`` [B, T] is right-padded; ``completion_mask`` [B, T] covers the tokens up to and including
+    the first end-of-sequence token; ``logprobs`` [B, T] are the sampler's own, when the engine reports them.
+    """
+
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+    finish_reasons: list[str]
+    logprobs: torch.Tensor | None = None
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[PromptInputs], n: int, sampling: SamplingConfig) -> Rollouts: ...
+
+    def sync_weights(self, model: Any) -> None:
+        """Called after every optimizer step with the updated policy."""
+
+
+def completion_mask(ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask up to and including the first stop token, whether a stop token occurred) for ids [B, T]."""
+    is_stop = torch.isin(ids, torch.tensor(stop_ids, device=ids.device))
+    stopped = is_stop.any(dim=1)
+    first = torch.where(stopped, is_stop.int().argmax(dim=1), torch.full_like(stopped, ids.shape[1], dtype=torch.long))
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    return positions[None, :] <= first[:, None], stopped
+
+
+def finish(processing: Processing, ids: torch.Tensor) -> Rollouts:
+    """Masks, texts and finish reasons of sampled ids [B, T]; vision tokens must not appear (they are suppressed
+    in sampling, and a stray one would break the next forward's image-token count)."""
+    mask, stopped = completion_mask(ids, processing.stop_token_ids)
+    vision = torch.isin(ids, torch.tensor(processing.vision_token_ids or [-1], device=ids.device)) & mask
+    if vision.any():
+        row = int(vision.any(dim=1).nonzero()[0])
+        raise RuntimeError(f"completion {row} contains a vision special token; they must be suppressed in sampling")
+    length = int(mask.sum(dim=1).max()) if mask.numel() else 0
+    ids, mask = ids[:, :length], mask[:, :length]
+    ids = ids.masked_fill(~mask, processing.pad_token_id)
+    texts = [processing.decode(row[m].tolist()) for row, m in zip(ids, mask)]
+    reasons = ["stop" if s else "length" for s in stopped.tolist()]
+    return Rollouts(ids, mask, texts, reasons)
+
+
+class HFRolloutEngine:
+    """transformers ``generate`` on the training model: no weight copy, nothing to sync."""
+
+    def __init__(self, model: Any, processing: Processing, device: torch.device) -> None:
+        self.model, self.processing, self.device = model, processing, device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[PromptInputs], n: int, sampling: SamplingConfig) -> Rollouts:
+        repeated = [p for p in prompts for _ in range(n)]
+        batch = batch_inputs(self.processing, repeated, device=self.device)
+        kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
+                                      pad_token_id=self.processing.pad_token_id,
+                                      eos_token_id=self.processing.stop_token_ids)
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        if self.processing.vision_token_ids:
+            kwargs["suppress_tokens"] = self.processing.vision_token_ids
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(**batch, **kwargs, use_cache=True)
+        finally:
+            self.model.train(was_training)
+        return finish(self.processing, out[:, batch["input_ids"].shape[1]:].cpu())
+
+    def sync_weights(self, model: Any) -> None:
+        pass

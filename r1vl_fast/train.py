@@ -1,0 +1,98 @@
+"""``python -m r1vl_fast.train``: StepGRPO on R1-VL-10K-format data. With no arguments: the built-in CPU demo.
+
+    python -m r1vl_fast.train --model_name_or_path ckpt/sft --dataset r1vl10k.json --image_root images/ \\
+        --preset r1vl-2b --output_dir runs/r1vl-2b
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+from r1vl_fast.config import GRPOTrainConfig, parse_config
+from r1vl_fast.data import load_rl_dataset
+from r1vl_fast.modeling import is_multimodal, load_model
+from r1vl_fast.processing import Processing
+from r1vl_fast.recipe import (
+    output_dir_for,
+    resolve_device,
+    resolve_dtype,
+    resume_point,
+    run_loop,
+    seed_everything,
+    setup_logging,
+)
+from r1vl_fast.rewards.scoring import StepRewards
+from r1vl_fast.rollout import HFRolloutEngine
+from r1vl_fast.tracking import plot_rewards
+from r1vl_fast.trainer import StepGRPOTrainer
+
+log = logging.getLogger("r1vl_fast")
+
+
+def total_steps(config: GRPOTrainConfig, num_samples: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    prompts_per_rollout = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    return max(1, math.ceil(config.num_train_epochs * num_samples / prompts_per_rollout)) * config.num_iterations
+
+
+def run_grpo(config: GRPOTrainConfig) -> Path:
+    """Train with StepGRPO; returns the final checkpoint."""
+    if config.model_name_or_path is None or config.dataset is None:
+        raise ValueError("--model_name_or_path and --dataset are both needed (or neither, for the demo)")
+    output_dir = output_dir_for(config, "run")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = resume_point(config, output_dir)
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    seed_everything(config.seed)
+
+    multimodal = is_multimodal(config.model_name_or_path)
+    processing = Processing.from_pretrained(config.model_name_or_path, min_pixels=config.min_pixels,
+                                            max_pixels=config.max_pixels, multimodal=multimodal)
+    samples, report = load_rl_dataset(config.dataset, processing, image_root=config.image_root,
+                                      max_prompt_length=config.max_prompt_length, skip_invalid=config.skip_invalid)
+    log.info("dataset %s: %s", config.dataset, report.summary())
+
+    policy = load_model(str(checkpoint or config.model_name_or_path), device=device, dtype=dtype)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = None
+    if config.beta > 0:  # the frozen initial policy
+        reference = load_model(config.model_name_or_path, device=device, dtype=dtype, trainable=False)
+    rewards = StepRewards([s.solution for s in samples], [s.key_steps for s in samples],
+                          preset=config.reward_preset, alpha=config.step_rar_alpha)  # type: ignore[arg-type]
+    engine = HFRolloutEngine(policy, processing, device)
+    trainer = StepGRPOTrainer(config, policy=policy, reference=reference, processing=processing, samples=samples,
+                              rewards=rewards, engine=engine, device=device,
+                              total_steps=total_steps(config, len(samples)))
+
+    def on_step(trainer: StepGRPOTrainer, runlog, metrics) -> None:  # type: ignore[no-untyped-def]
+        if trainer.step_idx % config.log_completions_steps == 0:
+            runlog.log_completions(trainer.step_idx, trainer.sample_completions(config.num_completions_to_log))
+
+    last = run_loop(trainer, config, output_dir, processing, kind="StepGRPO", on_step=on_step,
+                    checkpoint=checkpoint)
+    plot_rewards(output_dir / "metrics.jsonl", output_dir / "reward_curve.png")
+    log.info("final checkpoint: %s", last)
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse_config(GRPOTrainConfig, argv, "python -m r1vl_fast.train")
+    assert isinstance(config, GRPOTrainConfig)
+    if config.is_demo:
+        from r1vl_fast.demo.run import run_demo
+
+        run_demo(config)
+    else:
+        run_grpo(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The StepGRPO step, as in the paper: sample prompts → G rollouts each → StepRAR + StepRVR → group-normalised
+advantages → old / reference log-probs → policy update with the clipped, KL-regularised GRPO loss.
+
+Components do the work (``rollout``, ``rewards``, ``ops``); this module only wires one step and keeps the state a
+checkpoint needs (optimizer, scheduler, data position, and the rollout buffer when μ > 1 reuses it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from r1vl_fast.config import GRPOTrainConfig, RunConfig
+from r1vl_fast.data import EpochSampler, Sample, encode_prompt
+from r1vl_fast.modeling import completion_log_probs, completion_logits
+from r1vl_fast.ops import group_advantages, grpo_loss
+from r1vl_fast.processing import Processing, PromptInputs, batch_inputs
+from r1vl_fast.rewards.scoring import RewardBreakdown, StepRewards
+from r1vl_fast.rollout import RolloutEngine, SamplingConfig
+
+
+def make_optimizer(model: Any, config: RunConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW and the configured schedule (R1-VL: linear decay without warm-up for RL, cosine with 3 % for SFT)."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                              num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+@dataclass
+class RolloutBatch:
+    """One micro-batch of P prompts × G completions, scored, with everything the update needs."""
+
+    sample_ids: list[int]  # per completion
+    inputs: dict[str, torch.Tensor]  # prompt + completion model inputs
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+    rewards: RewardBreakdown
+    advantages: torch.Tensor
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    finish_reasons: list[str]
+
+    def to_state(self) -> dict[str, Any]:
+        return dict(vars(self), rewards=vars(self.rewards))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RolloutBatch:
+        return cls(**{**state, "rewards": RewardBreakdown(**state["rewards"])})
+
+
+class StepGRPOTrainer:
+    def __init__(self, config: GRPOTrainConfig, *, policy: Any, reference: Any | None, processing: Processing,
+                 samples: list[Sample], rewards: StepRewards, engine: RolloutEngine, device: torch.device,
+                 total_steps: int) -> None:
+        self.config, self.policy, self.reference = config, policy, reference
+        self.processing, self.samples, self.rewards, self.engine = processing, samples, rewards, engine
+        self.device, self.total_steps = device, total_steps
+        self.optimizer, self.scheduler = make_optimizer(policy, config, total_steps)
+        self.sampler = EpochSampler(len(samples), config.seed)
+        self.step_idx = 0  # optimizer steps taken
+        self.buffer: list[RolloutBatch] = []
+        self.sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                                       max_new_tokens=config.max_completion_length)
+        self.logprob_temperature = config.logprob_temperature or config.temperature
+
+    # ------------------------------------------------------------------------------------------------ one step
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step; new rollouts every μ = num_iterations steps. Returns the step's metrics."""
+        c = self.config
+        times = {"time/rollout": 0.0, "time/reward": 0.0}
+        if self.step_idx % c.num_iterations == 0:
+            self.buffer = [self.make_rollouts(self.sampler.take(c.per_device_train_batch_size), times)
+                           for _ in range(c.gradient_accumulation_steps)]
+        start = time.perf_counter()
+        update = self.update(self.buffer)
+        times["time/update"] = time.perf_counter() - start
+        self.step_idx += 1
+        return {"step": self.step_idx, **update, **self.rollout_metrics(self.buffer), **times,
+                "epoch": self.sampler.epoch + self.sampler.position / len(self.samples)}
+
+    def make_rollouts(self, sample_ids: list[int], times: dict[str, float]) -> RolloutBatch:
+        c, G = self.config, self.config.num_generations
+        prompts = [self.prompt(i) for i in sample_ids]
+
+        start = time.perf_counter()
+        rollouts = self.engine.generate(prompts, n=G, sampling=self.sampling)
+        times["time/rollout"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        completion_sample_ids = [i for i in sample_ids for _ in range(G)]  # reward inputs aligned per completion
+        rewards = self.rewards(rollouts.texts, completion_sample_ids)
+        advantages = group_advantages(torch.from_numpy(rewards.total), G, scale=c.scale_rewards)
+        times["time/reward"] += time.perf_counter() - start
+
+        responses = [row[m].tolist() for row, m in zip(rollouts.completion_ids, rollouts.completion_mask)]
+        inputs = batch_inputs(self.processing, [p for p in prompts for _ in range(G)], responses, device=self.device)
+        ids = rollouts.completion_ids.to(self.device)
+        old_logp = ref_logp = None
+        if c.num_iterations > 1:
+            old_logp = completion_log_probs(self.policy, inputs, ids, self.logprob_temperature)
+        if self.reference is not None:
+            ref_logp = completion_log_probs(self.reference, inputs, ids, self.logprob_temperature)
+        return RolloutBatch(completion_sample_ids, inputs, ids, rollouts.completion_mask.to(self.device),
+                            rollouts.texts, rewards, advantages.to(self.device), old_logp, ref_logp,
+                            rollouts.finish_reasons)
+
+    def update(self, buffer: list[RolloutBatch]) -> dict[str, float]:
+        """One optimizer step over the micro-batches of ``buffer`` (gradient accumulation)."""
+        c = self.config
+        self.policy.train()
+        sums: dict[str, float] = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio/low": 0.0,
+                                  "clip_ratio/high": 0.0}
+        for mb in buffer:
+            logits = completion_logits(self.policy, mb.inputs, mb.completion_ids.shape[1])
+            loss, m = grpo_loss(
+                logits, mb.completion_ids, mb.completion_mask, mb.advantages, old_logp=mb.old_logp,
+                ref_logp=mb.ref_logp, beta=c.beta if mb.ref_logp is not None else 0.0, kl=c.kl_estimator,
+                eps_low=c.epsilon, eps_high=c.epsilon_high, delta=c.delta, loss_type=c.loss_type,
+                temperature=self.logprob_temperature, max_completion_length=c.max_completion_length,
+            )
+            (loss / len(buffer)).backward()
+            for key, value in (("loss", loss), ("kl", m["kl"]), ("clip_ratio", m["clip_region"]),
+                               ("clip_ratio/low", m["clip_low"]), ("clip_ratio/high", m["clip_high"])):
+                sums[key] += float(value) / len(buffer)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.sync_weights(self.policy)
+        return {**sums, "grad_norm": float(norm), "learning_rate": lr}
+
+    @staticmethod
+    def rollout_metrics(buffer: list[RolloutBatch]) -> dict[str, float]:
+        r = [mb.rewards for mb in buffer]
+        G = len(buffer[0].sample_ids) // len(set(buffer[0].sample_ids)) if buffer else 1
+        total = np.concatenate([x.total for x in r])
+        lengths = torch.cat([mb.completion_mask.sum(1).float().cpu() for mb in buffer])
+        group_std = total.reshape(-1, G).std(axis=1, ddof=1) if G > 1 else np.zeros(1)
+        truncated = sum(f == "length" for mb in buffer for f in mb.finish_reasons)
+        return {
+            "reward": float(total.mean()),
+            "reward_std": float(group_std.mean()),
+            "frac_reward_zero_std": float((group_std == 0).mean()),
+            "rewards/step_rar": float(np.concatenate([x.step_rar for x in r]).mean()),
+            "rewards/step_rvr": float(np.concatenate([x.step_rvr for x in r]).mean()),
+            "rewards/accuracy": float(np.concatenate([x.correct for x in r]).mean()),
+            "rewards/key_steps": float(np.concatenate([x.key_steps for x in r]).mean()),
+            "completion_length": float(lengths.mean()),
+            "completions/truncated_ratio": truncated / len(total),
+        }
+
+    def prompt(self, i: int) -> PromptInputs:
+        s = self.samples[i]
+        return encode_prompt(self.processing, s.problem, s.image)
+
+    def sample_completions(self, k: int) -> list[dict[str, Any]]:
+        """Up to ``k`` prompts and completions of the current rollouts with their reward breakdown."""
+        out = []
+        for mb in self.buffer:
+            for j in range(len(mb.texts)):
+                if len(out) == k:
+                    return out
+                s = self.samples[mb.sample_ids[j]]
+                out.append({"sample": s.where, "problem": s.problem, "completion": mb.texts[j],
+                            "advantage": float(mb.advantages[j]), **mb.rewards.row(j)})
+        return out
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(JSON state, tensor state) for a checkpoint."""
+        reuse = self.step_idx % self.config.num_iterations != 0
+        tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "buffer": [mb.to_state() for mb in self.buffer] if reuse else []}
+        return {"sampler": self.sampler.state_dict(), "total_steps": self.total_steps}, tensors
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
+        self.step_idx = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        self.buffer = [RolloutBatch.from_state(_to(b, self.device)) for b in tensors["buffer"]]
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
