@@ -114,10 +114,12 @@ class GRPOTrainConfig(RunConfig):
     reward_preset: str = _opt("paper", "Reward definitions (SPEC): paper, or r1vl (the released code).",
                               ("paper", "r1vl"))
     step_rar_alpha: float = _opt(0.1, "alpha: weight of the key-step fraction in StepRAR.")
+    loss_impl: str = _opt("auto", "GRPO loss: the fused Triton kernel (triton), the PyTorch reference (torch), or "
+                                  "auto (Triton on CUDA, the reference on CPU).", ("auto", "triton", "torch"))
     rollout_engine: str = _opt("hf", "Rollout engine: hf (transformers generate).", ("hf",))
     log_completions_steps: int = _opt(10, "Write sample completions to completions.jsonl every this many steps.")
     num_completions_to_log: int = _opt(4, "Completions written each time.")
-    sft_steps: int = _opt(60, "Demo only: SFT warm-up steps before StepGRPO.")
+    sft_steps: int = _opt(150, "Demo only: SFT warm-up steps before StepGRPO.")
 
     def validate(self) -> None:
         super().validate()
@@ -165,13 +167,13 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {
     "demo": {
         GRPOTrainConfig: dict(
             num_generations=4, temperature=1.0, max_prompt_length=64, max_completion_length=112, min_pixels=3136,
-            max_pixels=3136, learning_rate=2e-4, lr_scheduler_type="constant", warmup_ratio=0.0, beta=0.01,
-            per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=120, save_steps=40,
+            max_pixels=3136, learning_rate=1e-4, lr_scheduler_type="constant", warmup_ratio=0.0, beta=0.01,
+            per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=150, save_steps=50,
             log_completions_steps=10, bf16=False, device="cpu",
         ),
         SFTConfig: dict(
             learning_rate=2e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, per_device_train_batch_size=8,
-            gradient_accumulation_steps=1, max_steps=60, save_steps=1000, max_length=160, min_pixels=3136,
+            gradient_accumulation_steps=1, max_steps=150, save_steps=1000, max_length=160, min_pixels=3136,
             max_pixels=3136, bf16=False, device="cpu",
         ),
     },

@@ -82,8 +82,8 @@ def completion_logits(model: Any, batch: dict[str, torch.Tensor], completion_len
 
 @torch.no_grad()
 def completion_log_probs(
-    model: Any, batch: dict[str, torch.Tensor], completion_ids: torch.Tensor, temperature: float
+    model: Any, batch: dict[str, torch.Tensor], completion_ids: torch.Tensor, temperature: float, impl: str = "auto"
 ) -> torch.Tensor:
     """fp32 log-probs [B, T] of the completion tokens (the no-grad path: old and reference policies)."""
     logits = completion_logits(model, batch, completion_ids.shape[1])
-    return selective_log_probs(logits, completion_ids, temperature=temperature)  # type: ignore[return-value]
+    return selective_log_probs(logits, completion_ids, temperature=temperature, impl=impl)  # type: ignore[return-value]

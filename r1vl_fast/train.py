@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from r1vl_fast.config import GRPOTrainConfig, parse_config
 from r1vl_fast.data import load_rl_dataset
+from r1vl_fast.evaluate import evaluate_checkpoint
 from r1vl_fast.modeling import is_multimodal, load_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.recipe import (
@@ -57,6 +59,10 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
                                       max_prompt_length=config.max_prompt_length, skip_invalid=config.skip_invalid)
     log.info("dataset %s: %s", config.dataset, report.summary())
 
+    evaluation: dict[str, dict[str, float]] = {}
+    if config.eval_dataset is not None and checkpoint is None:
+        evaluation["before"] = evaluate_checkpoint(config.model_name_or_path, config.eval_dataset, config, device)
+        seed_everything(config.seed)
     policy = load_model(str(checkpoint or config.model_name_or_path), device=device, dtype=dtype)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -77,6 +83,14 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
     last = run_loop(trainer, config, output_dir, processing, kind="StepGRPO", on_step=on_step,
                     checkpoint=checkpoint)
     plot_rewards(output_dir / "metrics.jsonl", output_dir / "reward_curve.png")
+    if config.eval_dataset is not None:
+        del policy, reference, engine, trainer
+        evaluation["after"] = evaluate_checkpoint(last, config.eval_dataset, config, device)
+        previous = output_dir / "eval.json"
+        if "before" not in evaluation and previous.is_file():  # resumed: keep the first run's baseline
+            evaluation = {**json.loads(previous.read_text()), **evaluation}
+        previous.write_text(json.dumps(evaluation, indent=1))
+        log.info("held-out evaluation: %s", evaluation)
     log.info("final checkpoint: %s", last)
     return last
 

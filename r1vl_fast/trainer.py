@@ -73,6 +73,7 @@ class StepGRPOTrainer:
         self.sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                        max_new_tokens=config.max_completion_length)
         self.logprob_temperature = config.logprob_temperature or config.temperature
+        self.impl = config.loss_impl if config.loss_impl != "auto" else ("triton" if device.type == "cuda" else "torch")
 
     # ------------------------------------------------------------------------------------------------ one step
 
@@ -109,9 +110,9 @@ class StepGRPOTrainer:
         ids = rollouts.completion_ids.to(self.device)
         old_logp = ref_logp = None
         if c.num_iterations > 1:
-            old_logp = completion_log_probs(self.policy, inputs, ids, self.logprob_temperature)
+            old_logp = completion_log_probs(self.policy, inputs, ids, self.logprob_temperature, self.impl)
         if self.reference is not None:
-            ref_logp = completion_log_probs(self.reference, inputs, ids, self.logprob_temperature)
+            ref_logp = completion_log_probs(self.reference, inputs, ids, self.logprob_temperature, self.impl)
         return RolloutBatch(completion_sample_ids, inputs, ids, rollouts.completion_mask.to(self.device),
                             rollouts.texts, rewards, advantages.to(self.device), old_logp, ref_logp,
                             rollouts.finish_reasons)
@@ -128,12 +129,12 @@ class StepGRPOTrainer:
                 logits, mb.completion_ids, mb.completion_mask, mb.advantages, old_logp=mb.old_logp,
                 ref_logp=mb.ref_logp, beta=c.beta if mb.ref_logp is not None else 0.0, kl=c.kl_estimator,
                 eps_low=c.epsilon, eps_high=c.epsilon_high, delta=c.delta, loss_type=c.loss_type,
-                temperature=self.logprob_temperature, max_completion_length=c.max_completion_length,
+                temperature=self.logprob_temperature, max_completion_length=c.max_completion_length, impl=self.impl,
             )
             (loss / len(buffer)).backward()
             for key, value in (("loss", loss), ("kl", m["kl"]), ("clip_ratio", m["clip_region"]),
                                ("clip_ratio/low", m["clip_low"]), ("clip_ratio/high", m["clip_high"])):
-                sums[key] += float(value) / len(buffer)
+                sums[key] += float(value.detach()) / len(buffer)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         lr = self.scheduler.get_last_lr()[0]

@@ -7,34 +7,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
-
-import torch
 
 from r1vl_fast.checkpoint import latest_checkpoint
 from r1vl_fast.config import PRESETS, GRPOTrainConfig, SFTConfig
-from r1vl_fast.data import load_rl_dataset
 from r1vl_fast.demo.shapes import write_demo_data
-from r1vl_fast.evaluate import evaluate
-from r1vl_fast.modeling import build_demo_model, demo_processing, load_model
-from r1vl_fast.processing import Processing
-from r1vl_fast.recipe import output_dir_for, resolve_device
+from r1vl_fast.modeling import build_demo_model, demo_processing
+from r1vl_fast.recipe import output_dir_for
 from r1vl_fast.sft import run_sft
 from r1vl_fast.tracking import read_metrics
 
 log = logging.getLogger("r1vl_fast")
 
 DEMO_ROWS = {"train": 512, "sft": 512, "eval": 64}
-
-
-def _evaluate(path: Path, config: GRPOTrainConfig, eval_path: Path) -> dict[str, float]:
-    device = resolve_device(config)
-    processing = Processing.from_pretrained(str(path), min_pixels=config.min_pixels, max_pixels=config.max_pixels,
-                                            multimodal=True)
-    samples, _ = load_rl_dataset(eval_path, processing, max_prompt_length=config.max_prompt_length)
-    model = load_model(str(path), device=device, dtype=torch.float32, trainable=False)
-    return evaluate(model, processing, samples, preset=config.reward_preset, alpha=config.step_rar_alpha,
-                    max_new_tokens=config.max_completion_length, device=device)
 
 
 def run_demo(config: GRPOTrainConfig) -> dict[str, dict[str, float]]:
@@ -64,11 +48,11 @@ def run_demo(config: GRPOTrainConfig) -> dict[str, dict[str, float]]:
         sft_config.validate()
         sft_done = run_sft(sft_config)
 
-    before = _evaluate(sft_done, config, paths["eval"])
     rl_config = dataclasses.replace(config, model_name_or_path=str(sft_done), dataset=str(paths["rl"]),
-                                    output_dir=str(output_dir), preset=None)
+                                    eval_dataset=str(paths["eval"]), output_dir=str(output_dir), preset=None)
     final = run_grpo(rl_config)
-    after = _evaluate(final, config, paths["eval"])
+    evaluation = json.loads((output_dir / "eval.json").read_text())
+    before, after = evaluation["before"], evaluation["after"]
 
     metrics = [m for m in read_metrics(output_dir / "metrics.jsonl")]
     fifth = max(1, len(metrics) // 5)
@@ -77,7 +61,8 @@ def run_demo(config: GRPOTrainConfig) -> dict[str, dict[str, float]]:
     summary = {"before_rl": before, "after_rl": after,
                "train_reward": {"first_fifth": first, "last_fifth": last}, "final_checkpoint": str(final)}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = ["", f"demo summary ({output_dir}), held-out set of {DEMO_ROWS['eval']} prompts, greedy:",
+    lines = ["", f"demo summary ({output_dir}), held-out set of {DEMO_ROWS['eval']} prompts "
+             f"x {config.num_generations} samples at temperature {config.temperature}:",
              f"  {'':18}{'before RL':>10}{'after RL':>10}"]
     for key in ("reward", "accuracy", "validity", "key_step_recall"):
         lines.append(f"  {key:18}{before[key]:10.3f}{after[key]:10.3f}")

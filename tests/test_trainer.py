@@ -1,0 +1,329 @@
+"""The trainer end to end on a CPU: a tiny Qwen2-VL built from a config, synthetic shapes data, real transformers
+generation and the real rewards. Checks artifacts and metrics, exact resume, atomic saves, data validation errors,
+reward alignment, and that checkpoints reload with transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from r1vl_fast.checkpoint import latest_checkpoint, save_checkpoint
+from r1vl_fast.config import PRESETS, GRPOTrainConfig, SFTConfig, build_parser, parse_config
+from r1vl_fast.data import DataError, load_rl_dataset, load_sft_dataset, read_rows
+from r1vl_fast.demo.shapes import write_demo_data
+from r1vl_fast.modeling import build_demo_model, demo_processing, load_model
+from r1vl_fast.processing import Processing
+from r1vl_fast.rewards import step_rar, step_rvr
+from r1vl_fast.rewards.scoring import StepRewards
+from r1vl_fast.rollout import HFRolloutEngine
+from r1vl_fast.train import main as train_main
+from r1vl_fast.train import run_grpo
+from r1vl_fast.trainer import StepGRPOTrainer
+
+TIME_KEYS = ("time/rollout", "time/reward", "time/update")
+REQUIRED = ("step", "loss", "reward", "reward_std", "rewards/step_rar", "rewards/step_rvr", "rewards/accuracy",
+            "rewards/key_steps", "kl", "completion_length", "clip_ratio", *TIME_KEYS)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Demo data (24 RL rows, 64 SFT rows) and a tiny Qwen2-VL: random weights (``init``), then briefly
+    warmed up with SFT (``model``) so that its completions earn varied rewards."""
+    from r1vl_fast.sft import run_sft
+
+    root = tmp_path_factory.mktemp("tiny")
+    paths = write_demo_data(root / "data", train=24, sft=64, eval=8, seed=3)
+    processing = demo_processing(3136, 3136)
+    build_demo_model(processing, seed=0).save_pretrained(root / "init")
+    processing.save_pretrained(root / "init")
+    sft = SFTConfig(**{**PRESETS["demo"][SFTConfig], "model_name_or_path": str(root / "init"),
+                       "dataset": str(paths["sft"]), "output_dir": str(root / "sft"), "max_steps": 100,
+                       "report_to": "none"})
+    model = run_sft(sft)
+    return {"root": root, "init": root / "init", "model": model, **paths}
+
+
+def _args(tiny: dict[str, Path], out: Path, **extra: object) -> list[str]:
+    base = dict(model_name_or_path=tiny["model"], dataset=tiny["rl"], output_dir=out, max_steps=4, save_steps=2,
+                num_generations=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                max_completion_length=96, max_prompt_length=64, min_pixels=3136, max_pixels=3136, temperature=1.0,
+                learning_rate=2e-4, beta=0.04, device="cpu", report_to="none", seed=7)
+    base.update(extra)
+    return [x for k, v in base.items() for x in (f"--{k}", str(v))]
+
+
+def _config(argv: list[str]) -> GRPOTrainConfig:
+    config = parse_config(GRPOTrainConfig, argv, "test")
+    assert isinstance(config, GRPOTrainConfig)
+    return config
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+
+
+def test_demo_runs_end_to_end_with_every_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert train_main(["--output_dir", str(out), "--max_steps", "3", "--sft_steps", "3", "--save_steps", "2",
+                       "--log_completions_steps", "2"]) == 0
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert set(REQUIRED) <= set(r)
+        assert all(np.isfinite(r[k]) for k in REQUIRED)
+        assert 0 <= r["rewards/step_rvr"] <= 1 and 0 <= r["rewards/accuracy"] <= 1
+    assert {p.name for p in out.iterdir() if p.name.startswith("checkpoint-")} == {"checkpoint-2", "checkpoint-3"}
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert completions and all({"completion", "reward", "step_rar", "step_rvr", "key_steps"} <= set(c)
+                               for c in completions)
+    assert (out / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _metrics(out / "sft")[-1]["step"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    for phase in ("before_rl", "after_rl"):
+        assert set(summary[phase]) == {"reward", "accuracy", "validity", "key_step_recall"}
+    assert "before RL" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_resume_reproduces_every_step_exactly(tiny: dict[str, Path], tmp_path: Path) -> None:
+    # mu = 2: checkpoint-1 is saved mid-way through a rollout batch's reuse, checkpoint-2 at its end
+    straight = tmp_path / "straight"
+    run_grpo(_config(_args(tiny, straight, save_steps=1, num_iterations=2)))
+    reference = _without_time(_metrics(straight))
+    assert len(reference) == 4 and reference[0]["loss"] != reference[3]["loss"]
+    for start in (1, 2):
+        resumed = tmp_path / f"resumed-{start}"
+        run_grpo(_config(_args(tiny, resumed, save_steps=1, num_iterations=2,
+                               resume_from_checkpoint=straight / f"checkpoint-{start}")))
+        assert _without_time(_metrics(resumed)) == reference[start:]
+
+
+def test_sigterm_saves_and_exits_zero_then_latest_resumes_exactly(tiny: dict[str, Path], tmp_path: Path) -> None:
+    args = _args(tiny, tmp_path / "x", max_steps=12, save_steps=1000, per_device_train_batch_size=1,
+                 gradient_accumulation_steps=1)
+    straight = tmp_path / "straight"
+    run_grpo(_config([*args, "--output_dir", str(straight)]))
+
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "r1vl_fast.train", *args, "--output_dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    done = len(_metrics(out))
+    assert 2 <= done < 12
+    assert latest_checkpoint(out) == out / f"checkpoint-{done}"
+
+    run_grpo(_config([*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]))
+    assert _without_time(_metrics(out)) == _without_time(_metrics(straight))
+
+
+def test_interrupted_save_is_never_picked_as_latest(tiny: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    processing = Processing.from_pretrained(str(tiny["model"]), min_pixels=3136, max_pixels=3136, multimodal=True)
+    model = load_model(str(tiny["model"]), device=torch.device("cpu"), dtype=torch.float32)
+    good = save_checkpoint(tmp_path, 2, model=model, processing=processing, state={}, tensors={})
+    assert latest_checkpoint(tmp_path) == good
+
+    def killed(*args: object, **kwargs: object) -> None:  # the process dies while writing the trainer state
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 4, model=model, processing=processing, state={}, tensors={})
+    monkeypatch.undo()
+    assert (tmp_path / ".tmp-checkpoint-4" / "model.safetensors").is_file()  # half-written, but hidden
+    assert not (tmp_path / "checkpoint-4").exists()
+    # a directory that merely looks like a checkpoint (no trainer state) is not complete either
+    (tmp_path / "checkpoint-9").mkdir()
+    (tmp_path / "checkpoint-9" / "model.safetensors").write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == good
+    with pytest.raises(FileNotFoundError, match="checkpoint-9 is not a complete checkpoint"):
+        run_grpo(_config(_args(tiny, tmp_path, resume_from_checkpoint=tmp_path / "checkpoint-9")))
+
+
+def test_fused_triton_loss_and_the_reference_take_the_same_step(tiny: dict[str, Path], tmp_path: Path) -> None:
+    # the Triton kernels run in the interpreter here (TRITON_INTERPRET=1, set by conftest)
+    runs = {}
+    for impl in ("triton", "torch"):
+        run_grpo(_config(_args(tiny, tmp_path / impl, max_steps=2, per_device_train_batch_size=1,
+                               gradient_accumulation_steps=1, loss_impl=impl)))
+        runs[impl] = _metrics(tmp_path / impl)
+    assert runs["triton"][1]["loss"] != 0
+    for a, b in zip(runs["triton"], runs["torch"]):
+        for key in ("loss", "kl", "grad_norm", "reward"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_checkpoint_reloads_with_transformers(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    last = run_grpo(_config(_args(tiny, tmp_path, max_steps=1)))
+    model = AutoModelForImageTextToText.from_pretrained(last)
+    tokenizer = AutoTokenizer.from_pretrained(last)
+    initial = AutoModelForImageTextToText.from_pretrained(tiny["model"])
+    ids = torch.tensor([tokenizer("### Step 1:\nCount").input_ids])
+    trained_logits, initial_logits = model(input_ids=ids).logits, initial(input_ids=ids).logits
+    assert not torch.equal(trained_logits, initial_logits)  # the saved weights are the trained ones
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ rewards
+
+
+def test_rewards_stay_aligned_when_a_micro_batch_holds_more_than_g_completions(tiny: dict[str, Path]) -> None:
+    processing = Processing.from_pretrained(str(tiny["model"]), min_pixels=3136, max_pixels=3136, multimodal=True)
+    samples, _ = load_rl_dataset(tiny["rl"], processing, max_prompt_length=64)
+    rewards = StepRewards([s.solution for s in samples], [s.key_steps for s in samples])
+    # each sample's own reference reasoning is a perfect completion for it, and (mostly) wrong for the others
+    ids = [5, 5, 9, 9, 2, 2]
+    texts = [samples[i].solution for i in ids]
+    assert np.allclose(rewards(texts, ids).total, 2.1)
+    shifted = ids[2:] + ids[:2]
+    expect = step_rar(texts, [samples[i].solution for i in shifted], [samples[i].key_steps for i in shifted])
+    expect = expect + step_rvr(texts)
+    assert np.allclose(rewards(texts, shifted).total, expect)
+
+    # and through the trainer: P = 3 prompts x G = 2 completions in one micro-batch
+    config = _config(_args(tiny, tiny["root"] / "unused", per_device_train_batch_size=3))
+    model = load_model(str(tiny["model"]), device=torch.device("cpu"), dtype=torch.float32)
+    trainer = StepGRPOTrainer(config, policy=model, reference=None, processing=processing, samples=samples,
+                              rewards=rewards, engine=HFRolloutEngine(model, processing, torch.device("cpu")),
+                              device=torch.device("cpu"), total_steps=1)
+    batch = trainer.make_rollouts([4, 11, 17], {"time/rollout": 0.0, "time/reward": 0.0})
+    assert batch.sample_ids == [4, 4, 11, 11, 17, 17]
+    for j, i in enumerate(batch.sample_ids):
+        alone = step_rar([batch.texts[j]], [samples[i].solution], [samples[i].key_steps]) + step_rvr([batch.texts[j]])
+        assert batch.rewards.total[j] == pytest.approx(float(alone[0]))
+    adv = batch.advantages.view(3, 2)
+    assert torch.allclose(adv.sum(1), torch.zeros(3), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _write(path: Path, rows: list[object], jsonl: bool = True) -> Path:
+    if jsonl:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text("[\n" + ",\n".join(json.dumps(r, indent=1) for r in rows) + "\n]\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"problem": 3}, "field 'problem' must be str, got int"),
+        ({"solution": None}, "field 'solution' is missing"),
+        ({"key_steps": {"Steps": [["ok", 5]]}}, r"field 'key_steps.Steps\[0\]\[1\]' must be str"),
+        ({"key_steps": {"Steps": [[]]}}, r"'key_steps.Steps\[0\]' must be a string or a non-empty list"),
+        ({"key_steps": ["a"]}, "field 'key_steps' must be dict"),
+        ({"image_path": "images/missing.png"}, "image not found"),
+        ({"image_path": "broken.png"}, "image does not decode"),
+        ({"problem": "many words " * 40}, "prompts are never cut"),
+    ],
+)
+@pytest.mark.parametrize("jsonl", [True, False])
+def test_invalid_rows_name_file_line_and_field(tiny: dict[str, Path], tmp_path: Path, bad: dict, message: str,
+                                               jsonl: bool) -> None:
+    processing = Processing.from_pretrained(str(tiny["model"]), min_pixels=3136, max_pixels=3136, multimodal=True)
+    good = [r.data for r in read_rows(tiny["rl"])][:4]
+    for r in good:
+        r["image_path"] = str(tiny["rl"].parent / r["image_path"])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    rows = [*good[:2], {**good[2], **bad}, good[3]]
+    path = _write(tmp_path / ("d.jsonl" if jsonl else "d.json"), rows, jsonl)
+    line = 3 if jsonl else 1 + 1 + sum(json.dumps(r, indent=1).count("\n") + 1 for r in rows[:2])
+    with pytest.raises(DataError, match=message) as err:
+        load_rl_dataset(path, processing, image_root=tmp_path, max_prompt_length=64)
+    assert f"{path}:{line}: sample 2:" in str(err.value)
+    samples, report = load_rl_dataset(path, processing, image_root=tmp_path, max_prompt_length=64,
+                                      skip_invalid=True)
+    assert len(samples) == 3 and sum(report.skipped.values()) == 1
+    assert [s.problem for s in samples] == [rows[i]["problem"] for i in (0, 1, 3)]
+
+
+def test_sft_rows_are_validated(tiny: dict[str, Path], tmp_path: Path) -> None:
+    processing = Processing.from_pretrained(str(tiny["model"]), min_pixels=3136, max_pixels=3136, multimodal=True)
+    rows = [r.data for r in read_rows(tiny["sft"])][:3]
+    rows[1]["messages"] = rows[1]["messages"][:1]
+    path = _write(tmp_path / "sft.jsonl", rows)
+    with pytest.raises(DataError, match=rf"{path}:2: sample 1: field 'messages' must be \[user, assistant\]"):
+        load_sft_dataset(path, processing, image_root=tiny["sft"].parent, max_length=512)
+    ok, report = load_sft_dataset(path, processing, image_root=tiny["sft"].parent, max_length=512, skip_invalid=True)
+    assert len(ok) == 2 and report.skipped["invalid rows"] == 1
+
+
+def test_invalid_json_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": \n')
+    with pytest.raises(DataError, match=rf"{path}:3: sample 1: invalid JSON"):
+        read_rows(path)
+
+
+# ------------------------------------------------------------------------------------------------ SFT + config
+
+
+def test_sft_lowers_the_loss_and_saves_a_loadable_checkpoint(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from r1vl_fast.sft import main as sft_main
+
+    args = ["--model_name_or_path", str(tiny["init"]), "--dataset", str(tiny["sft"]), "--output_dir", str(tmp_path),
+            "--max_steps", "12", "--learning_rate", "3e-3", "--per_device_train_batch_size", "4",
+            "--gradient_accumulation_steps", "1", "--max_pixels", "3136", "--report_to", "none", "--device", "cpu",
+            "--max_length", "256"]
+    assert sft_main(args) == 0
+    losses = [m["loss"] for m in _metrics(tmp_path)]
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0]
+    model = load_model(str(tmp_path / "checkpoint-12"), device=torch.device("cpu"), dtype=torch.float32)
+    assert model.config.vision_config.depth == 1
+
+
+def test_help_documents_every_option_with_its_default() -> None:
+    text = " ".join(build_parser(GRPOTrainConfig, "train").format_help().split())
+    for option in ("--model_name_or_path", "--num_generations", "--epsilon_high", "--reward_preset",
+                   "--rollout_engine", "--resume_from_checkpoint", "--max_pixels", "--skip_invalid"):
+        assert option in text
+    assert "(default: 1.2)" in text and "(default: 0.04)" in text
+    assert "--max_length" in build_parser(SFTConfig, "sft").format_help()
+
+
+def test_config_precedence_preset_then_yaml_then_command_line(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("learning_rate: 3.0e-6\nbeta: 0.0\nmodel_name_or_path: m\ndataset: d\n")
+    config = _config(["--preset", "r1vl-7b", "--config", str(yaml_file), "--beta", "0.02", "--bf16", "false"])
+    assert config.temperature == 1.0 and config.reward_preset == "r1vl" and config.logprob_temperature == 1.0
+    assert config.learning_rate == 3e-6 and config.beta == 0.02 and config.bf16 is False
+    assert _config([]).preset == "demo"
+    with pytest.raises(ValueError, match="--num_generations must be >= 2"):
+        _config(["--dataset", "d", "--num_generations", "1"])
+    yaml_file.write_text("learning_rat: 1\n")
+    with pytest.raises(ValueError, match="unknown option 'learning_rat'"):
+        _config(["--config", str(yaml_file)])
+    with pytest.raises(SystemExit):
+        _config(["--beta", "lots"])
