@@ -144,13 +144,12 @@ class StepGRPOTrainer:
         self.engine.sync_weights(self.policy)
         return {**sums, "grad_norm": float(norm), "learning_rate": lr}
 
-    @staticmethod
-    def rollout_metrics(buffer: list[RolloutBatch]) -> dict[str, float]:
+    def rollout_metrics(self, buffer: list[RolloutBatch]) -> dict[str, float]:
         r = [mb.rewards for mb in buffer]
-        G = len(buffer[0].sample_ids) // len(set(buffer[0].sample_ids)) if buffer else 1
+        G = self.config.num_generations
         total = np.concatenate([x.total for x in r])
         lengths = torch.cat([mb.completion_mask.sum(1).float().cpu() for mb in buffer])
-        group_std = total.reshape(-1, G).std(axis=1, ddof=1) if G > 1 else np.zeros(1)
+        group_std = total.reshape(-1, G).std(axis=1, ddof=1)
         truncated = sum(f == "length" for mb in buffer for f in mb.finish_reasons)
         return {
             "reward": float(total.mean()),
