@@ -109,9 +109,9 @@ class Processing:
     # ------------------------------------------------------------------------------------------------ text
 
     def _messages(self, problem: str, has_image: bool) -> list[dict[str, Any]]:
-        content: list[dict[str, Any]] = [{"type": "image"}] if has_image else []
-        content.append({"type": "text", "text": problem})
-        return [{"role": "user", "content": content}]
+        if not has_image:  # plain string content: what text-only chat templates expect
+            return [{"role": "user", "content": problem}]
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem}]}]
 
     def prompt_ids(self, problem: str, image_tokens: int | None) -> list[int]:
         """Token ids of the chat prompt, each image placeholder expanded to ``image_tokens`` pad tokens."""

@@ -80,7 +80,7 @@ class StepGRPOTrainer:
     def step(self) -> dict[str, Any]:
         """One optimizer step; new rollouts every μ = num_iterations steps. Returns the step's metrics."""
         c = self.config
-        times = {"time/rollout": 0.0, "time/reward": 0.0}
+        times = {"time/rollout": 0.0, "time/reward": 0.0, "time/logprobs": 0.0}
         if self.step_idx % c.num_iterations == 0:
             self.buffer = [self.make_rollouts(self.sampler.take(c.per_device_train_batch_size), times)
                            for _ in range(c.gradient_accumulation_steps)]
@@ -108,11 +108,13 @@ class StepGRPOTrainer:
         responses = [row[m].tolist() for row, m in zip(rollouts.completion_ids, rollouts.completion_mask)]
         inputs = batch_inputs(self.processing, [p for p in prompts for _ in range(G)], responses, device=self.device)
         ids = rollouts.completion_ids.to(self.device)
+        start = time.perf_counter()
         old_logp = ref_logp = None
         if c.num_iterations > 1:
             old_logp = completion_log_probs(self.policy, inputs, ids, self.logprob_temperature, self.impl)
         if self.reference is not None:
             ref_logp = completion_log_probs(self.reference, inputs, ids, self.logprob_temperature, self.impl)
+        times["time/logprobs"] += time.perf_counter() - start
         return RolloutBatch(completion_sample_ids, inputs, ids, rollouts.completion_mask.to(self.device),
                             rollouts.texts, rewards, advantages.to(self.device), old_logp, ref_logp,
                             rollouts.finish_reasons)

@@ -29,7 +29,7 @@ from r1vl_fast.train import main as train_main
 from r1vl_fast.train import run_grpo
 from r1vl_fast.trainer import StepGRPOTrainer
 
-TIME_KEYS = ("time/rollout", "time/reward", "time/update")
+TIME_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/update")
 REQUIRED = ("step", "loss", "reward", "reward_std", "rewards/step_rar", "rewards/step_rvr", "rewards/accuracy",
             "rewards/key_steps", "kl", "completion_length", "clip_ratio", *TIME_KEYS)
 
@@ -192,6 +192,29 @@ def test_checkpoint_reloads_with_transformers(tiny: dict[str, Path], tmp_path: P
     trained_logits, initial_logits = model(input_ids=ids).logits, initial(input_ids=ids).logits
     assert not torch.equal(trained_logits, initial_logits)  # the saved weights are the trained ones
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 1
+
+
+def test_text_only_causal_lm_trains_on_a_text_dataset(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["init"])
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    rows = [r.data for r in read_rows(tiny["rl"])]
+    for r in rows:
+        del r["image_path"]
+    data = _write(tmp_path / "text.jsonl", rows)
+    last = run_grpo(_config(_args(tiny, tmp_path / "out", model_name_or_path=tmp_path / "lm", dataset=data,
+                                  max_steps=2, max_completion_length=16, gradient_checkpointing="true")))
+    assert [m["step"] for m in _metrics(tmp_path / "out")] == [1, 2]
+    assert (last / "model.safetensors").is_file()
+    # and an image row for a text-only model is a named error
+    with pytest.raises(DataError, match="sample 0: field 'image_path': the model is text-only"):
+        run_grpo(_config(_args(tiny, tmp_path / "bad", model_name_or_path=tmp_path / "lm")))
 
 
 # ------------------------------------------------------------------------------------------------ rewards
