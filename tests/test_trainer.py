@@ -239,7 +239,7 @@ def test_rewards_stay_aligned_when_a_micro_batch_holds_more_than_g_completions(t
     trainer = StepGRPOTrainer(config, policy=model, reference=None, processing=processing, samples=samples,
                               rewards=rewards, engine=HFRolloutEngine(model, processing, torch.device("cpu")),
                               device=torch.device("cpu"), total_steps=1)
-    batch = trainer.make_rollouts([4, 11, 17], {"time/rollout": 0.0, "time/reward": 0.0})
+    batch = trainer.make_rollouts([4, 11, 17], dict.fromkeys(TIME_KEYS, 0.0))
     assert batch.sample_ids == [4, 4, 11, 11, 17, 17]
     for j, i in enumerate(batch.sample_ids):
         alone = step_rar([batch.texts[j]], [samples[i].solution], [samples[i].key_steps]) + step_rvr([batch.texts[j]])
