@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,7 +192,7 @@ def _unwrap(annotation: Any) -> tuple[type, bool]:
     return annotation, False
 
 
-def _parse_value(name: str, text: str, base: type, optional: bool) -> Any:
+def _parse_value(name: str, text: str, *, base: type, optional: bool) -> Any:
     if optional and text.lower() in ("none", "null", ""):
         return None
     if base is bool:
@@ -220,7 +221,7 @@ def build_parser(cls: type[RunConfig], prog: str) -> argparse.ArgumentParser:
         parser.add_argument(
             f"--{f.name}", metavar=base.__name__.upper(), nargs="?" if base is bool else None,
             const="true" if base is bool else None, help=help_text,
-            type=lambda s, n=f.name, b=base, o=optional: _parse_value(n, s, b, o),
+            type=functools.partial(_parse_value, f.name, base=base, optional=optional),
         )
     return parser
 

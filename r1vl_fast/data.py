@@ -64,11 +64,11 @@ def read_rows(path: str | Path) -> list[Row]:
                 raise DataError(f"{path}:{e.lineno}: sample {len(rows)}: invalid JSON ({e.msg})") from None
             rows.append(Row(value, path, line, len(rows)))
         return rows
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    for line_no, record in enumerate(text.splitlines(), 1):
+        if not record.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(record)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{line_no}: sample {len(rows)}: invalid JSON ({e.msg})") from None
         rows.append(Row(value, path, line_no, len(rows)))

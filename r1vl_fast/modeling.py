@@ -33,7 +33,8 @@ def load_model(path: str, *, device: torch.device, dtype: torch.dtype, trainable
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     cls = AutoModelForImageTextToText if is_multimodal(path) else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(device)).to(device)
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(device))
+    model = model.to(device)  # type: ignore[arg-type]
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)

@@ -124,7 +124,7 @@ class Processing:
         else:
             text = problem
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if has_image:
+        if image_tokens is not None:
             at = ids.index(self.image_token_id)
             ids = ids[:at] + [self.image_token_id] * image_tokens + ids[at + 1:]
         return ids
@@ -132,6 +132,8 @@ class Processing:
     def encode_prompt(self, problem: str, image: Image.Image | None) -> PromptInputs:
         if image is None:
             return PromptInputs(self.prompt_ids(problem, None))
+        if self.image_processor is None:
+            raise ValueError("a row has an image but the model is text-only")
         image = self.prepare_image(image)
         out = self.image_processor(images=[image], return_tensors="pt")
         grid = out["image_grid_thw"]
@@ -168,9 +170,10 @@ def batch_inputs(
             attention[i, width: width + len(r)] = 1
     batch = {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
     if processing.multimodal:
-        with_images = [p for p in prompts if p.pixel_values is not None]
-        if with_images:
-            batch["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(device)
-            batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images]).to(device)
+        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
+        grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels).to(device)
+            batch["image_grid_thw"] = torch.cat(grids).to(device)
         batch["mm_token_type_ids"] = (batch["input_ids"] == processing.image_token_id).to(torch.int32)
     return batch

@@ -171,7 +171,7 @@ class StepGRPOTrainer:
 
     def sample_completions(self, k: int) -> list[dict[str, Any]]:
         """Up to ``k`` prompts and completions of the current rollouts with their reward breakdown."""
-        out = []
+        out: list[dict[str, Any]] = []
         for mb in self.buffer:
             for j in range(len(mb.texts)):
                 if len(out) == k:

@@ -86,7 +86,7 @@ class _SelectiveLogProbs(torch.autograd.Function):
         batch, length, vocab = logits.shape
         grad = torch.empty((batch, length, vocab), dtype=logits.dtype, device=logits.device)
         entropy_grad = ctx.entropy and grad_entropy is not None
-        g_h = grad_entropy.float().contiguous() if entropy_grad else lse
+        g_h = grad_entropy.float().contiguous() if entropy_grad and grad_entropy is not None else lse
         block, warps = _block_v(vocab, logits.device)
         selective_log_probs_bwd_kernel[(batch * length,)](
             logits, logits.stride(0), logits.stride(1), length, vocab, ids, 1.0 / ctx.temperature, lse, ent,
@@ -229,7 +229,7 @@ def _grpo_forward(
 
     batch, length, vocab = logits.shape
     device = logits.device
-    f32 = dict(dtype=torch.float32, device=device)
+    f32: dict[str, Any] = dict(dtype=torch.float32, device=device)
     loss_rows = torch.empty((batch, length), **f32)
     logp = torch.empty((batch, length), **f32)
     kl = torch.empty((batch, length), **f32)
@@ -268,7 +268,7 @@ def _grpo_forward(
     if grad_inplace and write_grad:
         torch.autograd.graph.increment_version(logits)  # anything that saved the logits now fails loudly
     empty = torch.zeros(0, **f32)
-    outputs = (logp, kl, flags, ent if entropy else empty, adv if from_rewards else empty)
+    outputs = (logp, kl, flags, ent if entropy else empty, adv if from_rewards and adv is not None else empty)
     return loss_rows.sum(), outputs, grad
 
 
@@ -356,7 +356,7 @@ def grpo_loss(
     def f32(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.to(torch.float32).contiguous()
 
-    launch = dict(
+    launch: dict[str, Any] = dict(
         ids=ids.contiguous(), weights=weights.float().contiguous(), advantages=f32(advantages), rewards=f32(rewards),
         group_size=int(group_size or 1), adv_eps=float(adv_eps), adv_scale=adv_scale, adv_unbiased=adv_unbiased,
         old_logp=f32(old_logp), ref_logp=f32(ref_logp), is_weights=f32(is_weights), config=config,

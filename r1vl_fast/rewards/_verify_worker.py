@@ -35,7 +35,7 @@ def main() -> None:
     while (request := read_message(requests)) is not None:
         a, b = request  # type: ignore[misc]
         try:
-            ok = float(verify(parse(a), parse(b))) > 0
+            ok = float(verify(parse(a), parse(b))) > 0  # type: ignore[has-type]
         except Exception:
             ok = False
         write_message(replies, ok)

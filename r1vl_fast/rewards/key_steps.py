@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from r1vl_fast import _keystep
+from r1vl_fast import _keystep  # type: ignore[attr-defined]  # the compiled module
 
 MatchMode = Literal["r1vl", "normalized", "fuzzy"]
 Scope = Literal["steps", "all"]

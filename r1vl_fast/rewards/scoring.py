@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from r1vl_fast.rewards.key_steps import compile_key_steps
+from r1vl_fast.rewards.key_steps import MatchMode, compile_key_steps
 from r1vl_fast.rewards.step_rar import Preset, score_step_rar
 from r1vl_fast.rewards.step_rvr import step_rvr
 
@@ -40,7 +40,8 @@ class StepRewards:
                  alpha: float = 0.1) -> None:
         self.solutions = list(solutions)
         self.preset, self.alpha = preset, alpha
-        mode, min_len = ("r1vl", 0) if preset == "r1vl" else ("normalized", 1)
+        mode: MatchMode = "r1vl" if preset == "r1vl" else "normalized"
+        min_len = 0 if preset == "r1vl" else 1
         self.key_steps = compile_key_steps(list(key_steps), mode=mode, min_alt_len=min_len)
 
     def __call__(self, texts: Sequence[str], sample_ids: Sequence[int]) -> RewardBreakdown:
