@@ -117,7 +117,17 @@ class GRPOTrainConfig(RunConfig):
     step_rar_alpha: float = _opt(0.1, "alpha: weight of the key-step fraction in StepRAR.")
     loss_impl: str = _opt("auto", "GRPO loss: the fused Triton kernel (triton), the PyTorch reference (torch), or "
                                   "auto (Triton on CUDA, the reference on CPU).", ("auto", "triton", "torch"))
-    rollout_engine: str = _opt("hf", "Rollout engine: hf (transformers generate).", ("hf",))
+    rollout_engine: str = _opt("auto", "Rollout engine: vllm (colocated, in-process), hf (transformers generate), or "
+                                       "auto (vllm when importable on a GPU, else hf).", ("auto", "hf", "vllm"))
+    vllm_gpu_memory_utilization: float = _opt(0.3, "Fraction of the device memory vLLM may take (weights + KV "
+                                                   "cache); on CPU, of the node's memory.")
+    vllm_sleep_mode: bool | None = _opt(None, "Release vLLM's memory between rollouts (default: on with CUDA).")
+    vllm_importance_sampling_correction: bool = _opt(True, "Reweight the policy term by pi_trainer / pi_sampler "
+                                                           "(vLLM's log-probs differ slightly from the trainer's).")
+    vllm_importance_sampling_mode: str = _opt("token_truncate", "Per-token or per-sequence ratio, capped (truncate) "
+                                                                "or zeroed above the cap (mask).",
+                                              ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"))
+    vllm_importance_sampling_cap: float = _opt(2.0, "Cap of the importance ratio.")
     log_completions_steps: int = _opt(10, "Write sample completions to completions.jsonl every this many steps.")
     num_completions_to_log: int = _opt(4, "Completions written each time.")
     sft_steps: int = _opt(150, "Demo only: SFT warm-up steps before StepGRPO.")
@@ -136,6 +146,10 @@ class GRPOTrainConfig(RunConfig):
             raise ValueError(f"--logprob_temperature must be > 0, got {self.logprob_temperature}")
         if self.beta < 0:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if not self.vllm_importance_sampling_cap > 0:
+            raise ValueError(f"--vllm_importance_sampling_cap must be > 0, got {self.vllm_importance_sampling_cap}")
 
 
 @dataclass

@@ -21,11 +21,14 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 @dataclass
 class PromptInputs:
-    """One tokenised prompt; ``pixel_values`` [patches, C·T·P·P] and ``image_grid_thw`` [1, 3] when it has an image."""
+    """One tokenised prompt; ``pixel_values`` [patches, C·T·P·P], ``image_grid_thw`` [1, 3] and the resized ``image``
+    (what a vLLM engine is given) when it has one; ``source`` names the sample in errors."""
 
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    image: Image.Image | None = None
+    source: str = ""
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -138,7 +141,7 @@ class Processing:
         out = self.image_processor(images=[image], return_tensors="pt")
         grid = out["image_grid_thw"]
         tokens = int(grid.prod()) // (self.merge_size**2)
-        return PromptInputs(self.prompt_ids(problem, tokens), out["pixel_values"], grid)
+        return PromptInputs(self.prompt_ids(problem, tokens), out["pixel_values"], grid, image)
 
     def encode_response(self, text: str) -> list[int]:
         """A response's ids as the model should produce them: the text, then the end-of-turn token."""

@@ -51,20 +51,30 @@ def completion_mask(ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tenso
     return positions[None, :] <= first[:, None], stopped
 
 
-def finish(processing: Processing, ids: torch.Tensor) -> Rollouts:
-    """Masks, texts and finish reasons of sampled ids [B, T]; vision tokens must not appear (they are suppressed
-    in sampling, and a stray one would break the next forward's image-token count)."""
+def finish(processing: Processing, ids: torch.Tensor, logprobs: torch.Tensor | None = None,
+           sanitize: bool = False) -> Rollouts:
+    """Masks, texts and finish reasons of sampled ids [B, T] (right-padded).
+
+    Vision special tokens must not reach training: one would break the next forward's image-token count. Engines
+    suppress them in sampling; with ``sanitize`` a completion that still holds one is cut just before it (finish
+    reason ``sanitized``), otherwise it is an error.
+    """
     mask, stopped = completion_mask(ids, processing.stop_token_ids)
     vision = torch.isin(ids, torch.tensor(processing.vision_token_ids or [-1], device=ids.device)) & mask
-    if vision.any():
-        row = int(vision.any(dim=1).nonzero()[0])
-        raise RuntimeError(f"completion {row} contains a vision special token; they must be suppressed in sampling")
+    sanitized = vision.any(dim=1)
+    if sanitized.any():
+        if not sanitize:
+            row = int(sanitized.nonzero()[0])
+            raise RuntimeError(f"completion {row} contains a vision special token; they must be suppressed in sampling")
+        mask &= vision.int().cumsum(dim=1) == 0
     length = int(mask.sum(dim=1).max()) if mask.numel() else 0
     ids, mask = ids[:, :length], mask[:, :length]
     ids = ids.masked_fill(~mask, processing.pad_token_id)
+    if logprobs is not None:
+        logprobs = logprobs[:, :length].masked_fill(~mask, 0.0)
     texts = [processing.decode(row[m].tolist()) for row, m in zip(ids, mask)]
-    reasons = ["stop" if s else "length" for s in stopped.tolist()]
-    return Rollouts(ids, mask, texts, reasons)
+    reasons = ["sanitized" if z else "stop" if s else "length" for s, z in zip(stopped.tolist(), sanitized.tolist())]
+    return Rollouts(ids, mask, texts, reasons, logprobs)
 
 
 class HFRolloutEngine:

