@@ -8,6 +8,7 @@ token count known at validation time is the one the model sees; the same sizes a
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+# Processor files a vLLM engine (and AutoProcessor) reads beside the model; carried into every checkpoint.
+PROCESSOR_FILES = ("processor_config.json", "chat_template.json", "video_preprocessor_config.json")
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -62,6 +65,7 @@ class Processing:
             raise ValueError("the tokenizer has no end-of-sequence token (<|im_end|>, <|endoftext|> or eos_token)")
         self.stop_token_ids = stops
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
+        self.source: Path | None = None  # the directory this was loaded from
 
     @property
     def multimodal(self) -> bool:
@@ -86,12 +90,18 @@ class Processing:
                 image_processor = Qwen2VLImageProcessorPil(**kwargs)
             else:
                 image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-        return cls(tokenizer, image_processor, min_pixels=min_pixels, max_pixels=max_pixels)
+        processing = cls(tokenizer, image_processor, min_pixels=min_pixels, max_pixels=max_pixels)
+        processing.source = Path(path) if Path(path).is_dir() else None
+        return processing
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(path)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(path)
+        if self.source is not None:
+            for name in PROCESSOR_FILES:
+                if (self.source / name).is_file() and not (Path(path) / name).exists():
+                    shutil.copyfile(self.source / name, Path(path) / name)
 
     # ------------------------------------------------------------------------------------------------ images
 
