@@ -217,6 +217,22 @@ def test_text_only_causal_lm_trains_on_a_text_dataset(tiny: dict[str, Path], tmp
         run_grpo(_config(_args(tiny, tmp_path / "bad", model_name_or_path=tmp_path / "lm")))
 
 
+def test_vision_tokens_in_a_completion_are_an_error_or_cut_away(tiny: dict[str, Path]) -> None:
+    from r1vl_fast.rollout import finish
+
+    processing = Processing.from_pretrained(str(tiny["model"]), min_pixels=3136, max_pixels=3136, multimodal=True)
+    pad, stop, word = processing.image_token_id, processing.stop_token_ids[0], 100
+    ids = torch.tensor([[word, word, stop, word], [word, pad, word, stop], [word, word, word, word]])
+    logp = -torch.rand(3, 4)
+    with pytest.raises(RuntimeError, match="completion 1 contains a vision special token"):
+        finish(processing, ids, logp)
+    out = finish(processing, ids, logp, sanitize=True)
+    assert out.finish_reasons == ["stop", "sanitized", "length"]
+    assert out.completion_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert pad not in out.completion_ids[out.completion_mask].tolist()
+    assert out.logprobs is not None and torch.equal(out.logprobs[~out.completion_mask], torch.zeros(4))
+
+
 # ------------------------------------------------------------------------------------------------ rewards
 
 
