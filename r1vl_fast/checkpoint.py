@@ -48,16 +48,17 @@ def _fsync_tree(path: Path) -> None:
 
 def save_checkpoint(
     output_dir: str | Path, step: int, *, model: Any, processing: Any, state: dict[str, Any],
-    tensors: dict[str, Any], save_total_limit: int | None = None,
+    tensors: dict[str, Any], save_total_limit: int | None = None, model_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``output_dir/checkpoint-{step}`` atomically; ``state`` is JSON, ``tensors`` go through torch.save."""
+    """Write ``output_dir/checkpoint-{step}`` atomically; ``state`` is JSON, ``tensors`` go through torch.save.
+    ``model_state`` is the full state dict when the model itself is sharded (FSDP2)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     processing.save_pretrained(tmp)
     torch.save({**tensors, "rng": rng_state()}, tmp / TENSORS_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))

@@ -58,6 +58,8 @@ class RunConfig:
     skip_invalid: bool = _opt(False, "Skip (and count) invalid rows and over-long prompts instead of stopping.")
     resume_from_checkpoint: str | None = _opt(None, "A checkpoint directory, or 'latest' in --output_dir.")
     device: str = _opt("auto", "Training device: auto (cuda if present), cuda, cpu.")
+    fsdp: bool = _opt(False, "Under torchrun, shard the policy (and reference) with FSDP2 per decoder layer and the "
+                             "vision tower, instead of DDP replicas.")
 
     def validate(self) -> None:
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps",

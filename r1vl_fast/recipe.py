@@ -18,6 +18,7 @@ import torch
 
 from r1vl_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint, set_rng_state
 from r1vl_fast.config import RunConfig, to_dict
+from r1vl_fast.distributed import World, all_sum, barrier, full_model_state, unwrap
 from r1vl_fast.tracking import RunLog
 
 log = logging.getLogger("r1vl_fast")
@@ -38,12 +39,18 @@ def setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def resolve_device(config: RunConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
+def resolve_device(config: RunConfig, world: World | None = None) -> torch.device:
+    """cpu, or this rank's GPU."""
+    kind = config.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
-    return torch.device(config.device)
+    return torch.device("cuda", (world or World()).local_rank) if kind == "cuda" else torch.device("cpu")
+
+
+def device_kind(config: RunConfig) -> str:
+    return "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def resolve_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
@@ -55,9 +62,11 @@ def resolve_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def output_dir_for(config: RunConfig, kind: str) -> Path:
+def output_dir_for(config: RunConfig, kind: str, world: World | None = None) -> Path:
     if config.output_dir is not None:
         return Path(config.output_dir)
+    if world is not None and world.size > 1:  # every rank must agree on one directory
+        raise ValueError("under torchrun, pass --output_dir")
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -99,34 +108,44 @@ class GracefulStop:
 
 
 def run_loop(trainer: Trainer, config: RunConfig, output_dir: Path, processing: Any, *, kind: str,
-             on_step: Any = None, checkpoint: Path | None = None) -> Path:
-    """Steps ``trainer`` to ``total_steps`` with logging and checkpoints; returns the last checkpoint."""
+             on_step: Any = None, checkpoint: Path | None = None, world: World | None = None) -> Path:
+    """Steps ``trainer`` to ``total_steps`` with logging and checkpoints; returns the last checkpoint.
+    Under torchrun every rank steps; rank 0 alone writes logs and checkpoints."""
+    world = world or World()
     if checkpoint is not None:
         state, tensors = load_state(checkpoint)
         trainer.load_state(state, tensors)
         set_rng_state(tensors["rng"])
         log.info("resumed from %s at step %d", checkpoint, trainer.step_idx)
-    (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
-    runlog = RunLog(output_dir, trackers=config.trackers, total_steps=trainer.total_steps,
+    if world.main:
+        (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
+    runlog = RunLog(output_dir, trackers=config.trackers if world.main else [], total_steps=trainer.total_steps,
                     start_step=trainer.step_idx, logging_steps=config.logging_steps, config=to_dict(config),
-                    desc=kind)
+                    desc=kind, write=world.main)
     last = checkpoint
 
     def save() -> Path:
-        state, tensors = trainer.state()
-        return save_checkpoint(output_dir, trainer.step_idx, model=trainer.policy, processing=processing,
-                               state=state, tensors=tensors, save_total_limit=config.save_total_limit)
+        state, tensors = trainer.state()  # collectives under FSDP2: every rank takes part
+        model_state = full_model_state(trainer.policy)
+        path = output_dir / f"checkpoint-{trainer.step_idx}"
+        if world.main:
+            path = save_checkpoint(output_dir, trainer.step_idx, model=unwrap(trainer.policy), processing=processing,
+                                   state=state, tensors=tensors, save_total_limit=config.save_total_limit,
+                                   model_state=model_state)
+        barrier(world)
+        return path
 
     try:
         with GracefulStop() as stop:
             while trainer.step_idx < trainer.total_steps:
                 metrics = trainer.step()
                 runlog.log(metrics)
-                if on_step is not None:
+                if on_step is not None and world.main:
                     on_step(trainer, runlog, metrics)
                 if trainer.step_idx % config.save_steps == 0 or trainer.step_idx == trainer.total_steps:
                     last = save()
-                if stop.requested:
+                if all_sum(1.0 if stop.requested else 0.0, world) > 0:  # every rank stops at the same step
+                    stop.requested = stop.requested or "a signal to another rank"
                     if last is None or not last.name.endswith(f"-{trainer.step_idx}"):
                         last = save()
                     log.warning("stopped by %s after step %d; resume with --resume_from_checkpoint latest",

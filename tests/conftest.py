@@ -1,5 +1,6 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,3 +16,24 @@ from r1vl_fast.rewards import MathVerifier  # noqa: E402
 def verifier():
     with MathVerifier(timeout=20.0, workers=2) as v:
         yield v
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Demo data (24 RL rows, 64 SFT rows) and a tiny Qwen2-VL: random weights (``init``), then briefly
+    warmed up with SFT (``model``) so that its completions earn varied rewards."""
+    from r1vl_fast.config import PRESETS, SFTConfig
+    from r1vl_fast.demo.shapes import write_demo_data
+    from r1vl_fast.modeling import build_demo_model, demo_processing
+    from r1vl_fast.sft import run_sft
+
+    root = tmp_path_factory.mktemp("tiny")
+    paths = write_demo_data(root / "data", train=24, sft=64, eval=8, seed=3)
+    processing = demo_processing(3136, 3136)
+    build_demo_model(processing, seed=0).save_pretrained(root / "init")
+    processing.save_pretrained(root / "init")
+    sft = SFTConfig(**{**PRESETS["demo"][SFTConfig], "model_name_or_path": str(root / "init"),
+                       "dataset": str(paths["sft"]), "output_dir": str(root / "sft"), "max_steps": 100,
+                       "report_to": "none"})
+    model = run_sft(sft)
+    return {"root": root, "init": root / "init", "model": model, **paths}

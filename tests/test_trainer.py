@@ -17,10 +17,9 @@ import pytest
 import torch
 
 from r1vl_fast.checkpoint import latest_checkpoint, save_checkpoint
-from r1vl_fast.config import PRESETS, GRPOTrainConfig, SFTConfig, build_parser, parse_config
+from r1vl_fast.config import GRPOTrainConfig, SFTConfig, build_parser, parse_config
 from r1vl_fast.data import DataError, load_rl_dataset, load_sft_dataset, read_rows
-from r1vl_fast.demo.shapes import write_demo_data
-from r1vl_fast.modeling import build_demo_model, demo_processing, load_model
+from r1vl_fast.modeling import load_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.rewards import step_rar, step_rvr
 from r1vl_fast.rewards.scoring import StepRewards
@@ -32,24 +31,6 @@ from r1vl_fast.trainer import StepGRPOTrainer
 TIME_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/update")
 REQUIRED = ("step", "loss", "reward", "reward_std", "rewards/step_rar", "rewards/step_rvr", "rewards/accuracy",
             "rewards/key_steps", "kl", "completion_length", "clip_ratio", *TIME_KEYS)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Demo data (24 RL rows, 64 SFT rows) and a tiny Qwen2-VL: random weights (``init``), then briefly
-    warmed up with SFT (``model``) so that its completions earn varied rewards."""
-    from r1vl_fast.sft import run_sft
-
-    root = tmp_path_factory.mktemp("tiny")
-    paths = write_demo_data(root / "data", train=24, sft=64, eval=8, seed=3)
-    processing = demo_processing(3136, 3136)
-    build_demo_model(processing, seed=0).save_pretrained(root / "init")
-    processing.save_pretrained(root / "init")
-    sft = SFTConfig(**{**PRESETS["demo"][SFTConfig], "model_name_or_path": str(root / "init"),
-                       "dataset": str(paths["sft"]), "output_dir": str(root / "sft"), "max_steps": 100,
-                       "report_to": "none"})
-    model = run_sft(sft)
-    return {"root": root, "init": root / "init", "model": model, **paths}
 
 
 def _args(tiny: dict[str, Path], out: Path, **extra: object) -> list[str]:
