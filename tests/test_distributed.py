@@ -35,7 +35,8 @@ def _train(tiny: dict[str, Path], out: Path, ranks: int, per_rank: int, *extra: 
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "r1vl_fast.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out.parent, env=env)
-    assert proc.returncode == 0, "\n".join(l for l in proc.stderr.splitlines() if "Error" in l or "rank" in l)[-6000:]
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "rank" in line]
+    assert proc.returncode == 0, "\n".join(errors)[-6000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

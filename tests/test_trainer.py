@@ -153,10 +153,10 @@ def test_fused_triton_loss_and_the_reference_take_the_same_step(tiny: dict[str, 
     # the Triton kernels run in the interpreter here (TRITON_INTERPRET=1, set by conftest)
     runs = {}
     for impl in ("triton", "torch"):
-        run_grpo(_config(_args(tiny, tmp_path / impl, max_steps=2, per_device_train_batch_size=1,
+        run_grpo(_config(_args(tiny, tmp_path / impl, max_steps=2, per_device_train_batch_size=2, num_generations=4,
                                gradient_accumulation_steps=1, loss_impl=impl)))
         runs[impl] = _metrics(tmp_path / impl)
-    assert runs["triton"][1]["loss"] != 0
+    assert all(m["grad_norm"] > 0 for m in runs["triton"])  # real updates (the GRPO loss value itself is ~0)
     for a, b in zip(runs["triton"], runs["torch"]):
         for key in ("loss", "kl", "grad_norm", "reward"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
