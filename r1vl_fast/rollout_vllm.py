@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,6 +19,13 @@ from r1vl_fast.processing import Processing, PromptInputs
 from r1vl_fast.rollout import Rollouts, SamplingConfig, draw_seeds, finish
 
 log = logging.getLogger("r1vl_fast")
+
+
+def _full_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    from torch.distributed.tensor import DTensor
+
+    for name, tensor in model.state_dict().items():
+        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def vllm_available() -> bool:
@@ -45,6 +53,9 @@ class VLLMRolloutEngine:
             # the sampler's own distribution (temperature, top-k/p, the vision-token bias) for the IS correction
             logprobs_mode="processed_logprobs",
         )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # under torchrun: one engine per rank inside the existing process group (TP = 1 each)
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if processing.multimodal:
             kwargs.update(limit_mm_per_prompt={"image": 1},
                           mm_processor_kwargs={"min_pixels": processing.min_pixels,
@@ -110,11 +121,11 @@ class VLLMRolloutEngine:
 
     @torch.no_grad()
     def sync_weights(self, model: Any) -> None:
-        """Push the policy's weights into the engine (full state dict: tied weights included; tensors are passed
-        by reference, one at a time, so no second copy of the model is made)."""
+        """Push the policy's weights into the engine (full state dict: tied weights included). Tensors go one at a
+        time, by reference, so no second copy of the model is made; FSDP2 shards are gathered one parameter at a
+        time (every rank must call this together)."""
         self._wake()
-        state = model.state_dict()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items()),
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _full_tensors(model),
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
         self.stats["weight_syncs"] += 1

