@@ -68,15 +68,17 @@ def test_two_ranks_match_one_rank_and_fsdp2_matches_ddp(tiny: dict[str, Path], r
     for name in ("ddp", "fsdp"):
         model = AutoModelForImageTextToText.from_pretrained(root / name / "checkpoint-3")
         assert model.config.text_config.hidden_size == 128
-    runs["ddp"] = root / "ddp"
+    runs["ddp"], runs["fsdp"] = root / "ddp", root / "fsdp"
 
 
-def test_two_rank_run_resumes_exactly(tiny: dict[str, Path], runs: dict[str, Path]) -> None:
-    if "ddp" not in runs:
-        pytest.skip("needs the 2-rank run of the previous test")
-    resumed = runs["root"] / "resumed"
-    out = _train(tiny, resumed, 2, 2, "--resume_from_checkpoint", str(runs["ddp"] / "checkpoint-1"))
-    reference = [json.loads(line) for line in (runs["ddp"] / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_two_rank_run_resumes_exactly(tiny: dict[str, Path], runs: dict[str, Path], layout: str) -> None:
+    if layout not in runs:
+        pytest.skip("needs the 2-rank runs of the previous test")
+    resumed = runs["root"] / f"resumed-{layout}"
+    extra = ["--fsdp"] if layout == "fsdp" else []
+    out = _train(tiny, resumed, 2, 2, *extra, "--resume_from_checkpoint", str(runs[layout] / "checkpoint-1"))
+    reference = [json.loads(line) for line in (runs[layout] / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in out] == [2, 3]
     for x, y in zip(out, reference[1:]):
         assert {k: x[k] for k in KEYS} == {k: y[k] for k in KEYS}
