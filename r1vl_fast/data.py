@@ -85,6 +85,8 @@ class Sample:
     image: Path | None
     where: str
     prompt_tokens: int = 0
+    image_size: tuple[int, int] | None = None  # (width, height) on disk
+    image_tokens: int = 0
 
 
 @dataclass
@@ -93,6 +95,9 @@ class SFTSample:
     response: str
     image: Path | None
     where: str
+    tokens: int = 0
+    image_size: tuple[int, int] | None = None
+    image_tokens: int = 0
 
 
 @dataclass
@@ -101,6 +106,7 @@ class Report:
 
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)  # every skipped row's message (file, line, reason)
 
     def summary(self) -> str:
         if not self.skipped:
@@ -155,7 +161,7 @@ def _image_size(row: Row, field_name: str, rel: str, root: Path) -> tuple[Path, 
 
 def load_rl_dataset(
     path: str | Path, processing: Processing, *, image_root: str | Path | None = None, max_prompt_length: int,
-    skip_invalid: bool = False,
+    skip_invalid: bool = False, allow_empty: bool = False,
 ) -> tuple[list[Sample], Report]:
     """R1-VL-10K rows (``image_path``, ``problem``, ``solution``, ``key_steps``), validated."""
     root = Path(image_root) if image_root is not None else Path(path).parent
@@ -167,7 +173,7 @@ def load_rl_dataset(
             solution = _need(row, "solution", str)
             key_steps = _check_key_steps(row, _need(row, "key_steps", dict))
             rel = _need(row, "image_path", str, optional=True)
-            image, tokens = None, None
+            image, tokens, size = None, None, None
             if rel is not None:
                 if not processing.multimodal:
                     raise DataError(f"{row.where()}: field 'image_path': the model is text-only")
@@ -182,18 +188,19 @@ def load_rl_dataset(
                 raise
             reason = "over-long prompts" if "max_prompt_length" in str(e) else "invalid rows"
             report.skipped[reason] += 1
+            report.errors.append(str(e))
             log.warning("skipped: %s", e)
             continue
-        samples.append(Sample(problem, solution, key_steps, image, row.where(), length))
+        samples.append(Sample(problem, solution, key_steps, image, row.where(), length, size, tokens or 0))
     report.kept = len(samples)
-    if not samples:
+    if not samples and not allow_empty:
         raise DataError(f"{path}: no usable rows ({report.summary()})")
     return samples, report
 
 
 def load_sft_dataset(
     path: str | Path, processing: Processing, *, image_root: str | Path | None = None, max_length: int,
-    skip_invalid: bool = False,
+    skip_invalid: bool = False, allow_empty: bool = False,
 ) -> tuple[list[SFTSample], Report]:
     """Mulberry rows: ``messages`` [user (``<image>`` + question), assistant (reasoning)] and ``images`` [path]."""
     root = Path(image_root) if image_root is not None else Path(path).parent
@@ -208,7 +215,7 @@ def load_sft_dataset(
                                 f"got roles {roles}")
             prompt, response = messages[0]["content"], messages[1]["content"]
             images = _need(row, "images", list, optional=True) or []
-            image, tokens = None, None
+            image, tokens, size = None, None, None
             if len(images) > 1 or (images and not isinstance(images[0], str)):
                 raise DataError(f"{row.where()}: field 'images' must hold at most one path")
             if images:
@@ -224,11 +231,12 @@ def load_sft_dataset(
             if not skip_invalid:
                 raise
             report.skipped["over-long rows" if "max_length" in str(e) else "invalid rows"] += 1
+            report.errors.append(str(e))
             log.warning("skipped: %s", e)
             continue
-        samples.append(SFTSample(prompt, response, image, row.where()))
+        samples.append(SFTSample(prompt, response, image, row.where(), length, size, tokens or 0))
     report.kept = len(samples)
-    if not samples:
+    if not samples and not allow_empty:
         raise DataError(f"{path}: no usable rows ({report.summary()})")
     return samples, report
 
@@ -269,3 +277,99 @@ class EpochSampler:
             raise ValueError(f"the checkpoint's dataset had {state['n']} usable rows, this one has {self.n}")
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._permutation()
+
+
+# ---------------------------------------------------------------------------------------------------- check
+
+
+def _spread(values: list[int]) -> dict[str, float] | None:
+    if not values:
+        return None
+    a = np.asarray(values)
+    return {"min": int(a.min()), "median": float(np.median(a)), "p95": float(np.percentile(a, 95)),
+            "max": int(a.max())}
+
+
+def check_dataset(path: str | Path, processing: Processing, *, kind: str = "auto", image_root: str | Path | None = None,
+                  max_length: int = 512) -> dict[str, Any]:
+    """Validate every row (never stopping at the first bad one) and describe the good ones: image sizes, the
+    image-token counts they imply under the processing's pixel budget, and prompt (or sequence) lengths."""
+    rows = read_rows(path)
+    if kind == "auto":
+        first = rows[0].data if rows else {}
+        kind = "sft" if isinstance(first, dict) and "messages" in first else "rl"
+    samples: list[Any]
+    if kind == "rl":
+        samples, report = load_rl_dataset(path, processing, image_root=image_root, max_prompt_length=max_length,
+                                          skip_invalid=True, allow_empty=True)
+        lengths = [s.prompt_tokens for s in samples]
+    else:
+        samples, report = load_sft_dataset(path, processing, image_root=image_root, max_length=max_length,
+                                           skip_invalid=True, allow_empty=True)
+        lengths = [s.tokens for s in samples]
+    sizes = [s.image_size for s in samples if s.image_size is not None]
+    return {
+        "file": str(path), "kind": kind, "rows": len(rows), "valid": len(samples),
+        "skipped": dict(report.skipped), "errors": report.errors,
+        "text_only_rows": sum(s.image is None for s in samples),
+        "image_width": _spread([w for w, _ in sizes]), "image_height": _spread([h for _, h in sizes]),
+        "image_tokens": _spread([s.image_tokens for s in samples if s.image_size is not None]),
+        "prompt_tokens" if kind == "rl" else "sequence_tokens": _spread(lengths),
+        "pixels": {"min_pixels": processing.min_pixels, "max_pixels": processing.max_pixels},
+        "length_limit": max_length,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m r1vl_fast.data", description="Dataset tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="Validate a dataset file and print a report.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    check.add_argument("file", help="An R1-VL-10K (RL) or Mulberry (SFT) JSON / JSONL file.")
+    check.add_argument("--kind", choices=("auto", "rl", "sft"), default="auto", help="Row format.")
+    check.add_argument("--model_name_or_path", default=None,
+                       help="Tokenizer (and image processor) to count tokens with (default: the demo's).")
+    check.add_argument("--image_root", default=None, help="Directory image paths are relative to.")
+    check.add_argument("--min_pixels", type=int, default=3136, help="Smallest image area after resizing.")
+    check.add_argument("--max_pixels", type=int, default=400000, help="Largest image area after resizing.")
+    check.add_argument("--max_length", type=int, default=512,
+                       help="Prompt budget (RL rows) or sequence budget (SFT rows), in tokens.")
+    check.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    args = parser.parse_args(argv)
+    logging.getLogger("r1vl_fast").setLevel(logging.ERROR)  # the report lists every error itself
+    if args.model_name_or_path is None:
+        from r1vl_fast.modeling import demo_processing
+
+        processing = demo_processing(args.min_pixels, args.max_pixels)
+    else:
+        from r1vl_fast.modeling import is_multimodal
+
+        processing = Processing.from_pretrained(args.model_name_or_path, min_pixels=args.min_pixels,
+                                                max_pixels=args.max_pixels,
+                                                multimodal=is_multimodal(args.model_name_or_path))
+    report = check_dataset(args.file, processing, kind=args.kind, image_root=args.image_root,
+                           max_length=args.max_length)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{report['file']} ({report['kind']} rows): {report['rows']} rows, {report['valid']} valid")
+        for why, n in report["skipped"].items():
+            print(f"  {n} {why}")
+        for message in report["errors"]:
+            print(f"  - {message}")
+        print(f"  text-only rows: {report['text_only_rows']}")
+        pixels = report["pixels"]
+        for key in ("image_width", "image_height", "image_tokens", "prompt_tokens", "sequence_tokens"):
+            if report.get(key):
+                s = report[key]
+                note = f" (at {pixels['min_pixels']}-{pixels['max_pixels']} pixels)" if key == "image_tokens" else ""
+                print(f"  {key:16} min {s['min']}, median {s['median']:g}, p95 {s['p95']:g}, max {s['max']}{note}")
+    return 0 if not report["errors"] else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
