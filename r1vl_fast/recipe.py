@@ -9,6 +9,7 @@ import logging
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -18,7 +19,9 @@ import torch
 
 from r1vl_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint, set_rng_state
 from r1vl_fast.config import RunConfig, to_dict
-from r1vl_fast.distributed import World, all_sum, barrier, full_model_state, unwrap
+from r1vl_fast.distributed import World, all_sum, barrier, full_model_state, init_world, unwrap, wrap
+from r1vl_fast.modeling import is_multimodal, load_model
+from r1vl_fast.processing import Processing
 from r1vl_fast.tracking import RunLog
 
 log = logging.getLogger("r1vl_fast")
@@ -80,6 +83,51 @@ def resume_point(config: RunConfig, output_dir: Path) -> Path | None:
     if config.resume_from_checkpoint is None:
         return None
     return resolve_checkpoint(config.resume_from_checkpoint, output_dir)
+
+
+@dataclass
+class Run:
+    """Where and how a recipe runs: its rank, output directory, checkpoint to resume, device, dtype, processing."""
+
+    world: World
+    output_dir: Path
+    checkpoint: Path | None
+    device: torch.device
+    dtype: torch.dtype
+    processing: Processing
+    model_name_or_path: str
+
+    @property
+    def weights(self) -> str:
+        """The policy's current weights: the checkpoint to resume, else the starting model."""
+        return str(self.checkpoint) if self.checkpoint is not None else self.model_name_or_path
+
+
+def start_run(config: RunConfig, kind: str) -> Run:
+    """Join torchrun (if launched by it), make the output directory, find the checkpoint to resume, pick the
+    device and dtype, seed every generator, and load the tokenizer / image processor."""
+    if config.model_name_or_path is None or config.dataset is None:
+        raise ValueError("--model_name_or_path and --dataset are both needed"
+                         + (" (or neither, for the demo)" if kind == "run" else ""))
+    world = init_world(device_kind(config))
+    output_dir = output_dir_for(config, kind, world)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = resume_point(config, output_dir)
+    device = resolve_device(config, world)
+    dtype = resolve_dtype(config, device)
+    seed_everything(config.seed)
+    processing = Processing.from_pretrained(config.model_name_or_path, min_pixels=config.min_pixels,
+                                            max_pixels=config.max_pixels,
+                                            multimodal=is_multimodal(config.model_name_or_path))
+    return Run(world, output_dir, checkpoint, device, dtype, processing, config.model_name_or_path)
+
+
+def load_policy(run: Run, config: RunConfig) -> Any:
+    """The trainable policy at its current weights, with gradient checkpointing if asked, wrapped for DDP / FSDP2."""
+    policy = load_model(run.weights, device=run.device, dtype=run.dtype)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return wrap(policy, run.world, fsdp=config.fsdp, param_dtype=run.dtype)
 
 
 class GracefulStop:

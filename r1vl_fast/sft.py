@@ -19,20 +19,11 @@ import torch.nn.functional as F
 
 from r1vl_fast.config import SFTConfig, parse_config
 from r1vl_fast.data import EpochSampler, SFTSample, encode_prompt, load_sft_dataset
-from r1vl_fast.distributed import World, all_sum, init_world, load_optimizer_state, optimizer_state, wrap
-from r1vl_fast.modeling import completion_logits, is_multimodal, load_model
+from r1vl_fast.distributed import World, all_sum, load_optimizer_state, optimizer_state
+from r1vl_fast.modeling import completion_logits
 from r1vl_fast.processing import Processing, batch_inputs
-from r1vl_fast.recipe import (
-    device_kind,
-    output_dir_for,
-    resolve_device,
-    resolve_dtype,
-    resume_point,
-    run_loop,
-    seed_everything,
-    setup_logging,
-)
-from r1vl_fast.trainer import make_optimizer
+from r1vl_fast.recipe import load_policy, run_loop, setup_logging, start_run
+from r1vl_fast.trainer import make_optimizer, optimizer_step
 
 log = logging.getLogger("r1vl_fast")
 
@@ -77,15 +68,10 @@ class SFTTrainer:
             (loss * self.world.size / total_tokens).backward()  # DDP / FSDP average gradients over ranks
             total_loss += float(loss.detach())
         total_loss = all_sum(total_loss, self.world)
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        stepped = optimizer_step(self.policy, self.optimizer, self.scheduler, c.max_grad_norm)
         self.step_idx += 1
-        return {"step": self.step_idx, "loss": total_loss / total_tokens, "grad_norm": float(norm),
-                "learning_rate": lr, "tokens": total_tokens, "time/update": time.perf_counter() - start,
+        return {"step": self.step_idx, "loss": total_loss / total_tokens, **stepped,
+                "tokens": total_tokens, "time/update": time.perf_counter() - start,
                 "epoch": self.sampler.epoch + self.sampler.position / len(self.samples)}
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -101,31 +87,19 @@ class SFTTrainer:
 
 def run_sft(config: SFTConfig) -> Path:
     """Supervised warm-up; returns the final checkpoint."""
-    if config.model_name_or_path is None or config.dataset is None:
-        raise ValueError("--model_name_or_path and --dataset are both needed")
-    world = init_world(device_kind(config))
-    output_dir = output_dir_for(config, "sft", world)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = resume_point(config, output_dir)
-    device = resolve_device(config, world)
-    dtype = resolve_dtype(config, device)
-    seed_everything(config.seed)
-    processing = Processing.from_pretrained(config.model_name_or_path, min_pixels=config.min_pixels,
-                                            max_pixels=config.max_pixels,
-                                            multimodal=is_multimodal(config.model_name_or_path))
-    samples, report = load_sft_dataset(config.dataset, processing, image_root=config.image_root,
+    run = start_run(config, "sft")
+    assert config.dataset is not None
+    samples, report = load_sft_dataset(config.dataset, run.processing, image_root=config.image_root,
                                        max_length=config.max_length, skip_invalid=config.skip_invalid)
     log.info("dataset %s: %s", config.dataset, report.summary())
-    policy = load_model(str(checkpoint or config.model_name_or_path), device=device, dtype=dtype)
-    if config.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = wrap(policy, world, fsdp=config.fsdp, param_dtype=dtype)
-    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world.size
+    policy = load_policy(run, config)
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * run.world.size
     steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * len(samples)
                                                                             / per_step))
-    trainer = SFTTrainer(config, policy=policy, processing=processing, samples=samples, device=device,
-                         total_steps=steps, world=world)
-    return run_loop(trainer, config, output_dir, processing, kind="SFT", checkpoint=checkpoint, world=world)
+    trainer = SFTTrainer(config, policy=policy, processing=run.processing, samples=samples, device=run.device,
+                         total_steps=steps, world=run.world)
+    return run_loop(trainer, config, run.output_dir, run.processing, kind="SFT", checkpoint=run.checkpoint,
+                    world=run.world)
 
 
 def main(argv: list[str] | None = None) -> int:

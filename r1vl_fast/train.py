@@ -17,20 +17,11 @@ import torch
 
 from r1vl_fast.config import GRPOTrainConfig, parse_config
 from r1vl_fast.data import load_rl_dataset
-from r1vl_fast.distributed import World, barrier, init_world, is_fsdp, unwrap, wrap
+from r1vl_fast.distributed import World, barrier, is_fsdp, unwrap, wrap
 from r1vl_fast.evaluate import evaluate_checkpoint
-from r1vl_fast.modeling import is_multimodal, load_model
+from r1vl_fast.modeling import load_model
 from r1vl_fast.processing import Processing
-from r1vl_fast.recipe import (
-    device_kind,
-    output_dir_for,
-    resolve_device,
-    resolve_dtype,
-    resume_point,
-    run_loop,
-    seed_everything,
-    setup_logging,
-)
+from r1vl_fast.recipe import load_policy, run_loop, seed_everything, setup_logging, start_run
 from r1vl_fast.rewards.scoring import StepRewards
 from r1vl_fast.rollout import HFRolloutEngine, RolloutEngine
 from r1vl_fast.rollout_vllm import VLLMRolloutEngine, vllm_available
@@ -66,19 +57,10 @@ def make_engine(config: GRPOTrainConfig, policy: Any, processing: Processing, de
 
 def run_grpo(config: GRPOTrainConfig) -> Path:
     """Train with StepGRPO; returns the final checkpoint."""
-    if config.model_name_or_path is None or config.dataset is None:
-        raise ValueError("--model_name_or_path and --dataset are both needed (or neither, for the demo)")
-    world = init_world(device_kind(config))
-    output_dir = output_dir_for(config, "run", world)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = resume_point(config, output_dir)
-    device = resolve_device(config, world)
-    dtype = resolve_dtype(config, device)
-    seed_everything(config.seed)
-
-    multimodal = is_multimodal(config.model_name_or_path)
-    processing = Processing.from_pretrained(config.model_name_or_path, min_pixels=config.min_pixels,
-                                            max_pixels=config.max_pixels, multimodal=multimodal)
+    run = start_run(config, "run")
+    assert config.model_name_or_path is not None and config.dataset is not None
+    world, output_dir, checkpoint, device, dtype = run.world, run.output_dir, run.checkpoint, run.device, run.dtype
+    processing = run.processing
     samples, report = load_rl_dataset(config.dataset, processing, image_root=config.image_root,
                                       max_prompt_length=config.max_prompt_length, skip_invalid=config.skip_invalid)
     log.info("dataset %s: %s", config.dataset, report.summary())
@@ -89,18 +71,14 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
             evaluation["before"] = evaluate_checkpoint(config.model_name_or_path, config.eval_dataset, config, device)
         barrier(world)
         seed_everything(config.seed)
-    policy = load_model(str(checkpoint or config.model_name_or_path), device=device, dtype=dtype)
-    if config.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = wrap(policy, world, fsdp=config.fsdp, param_dtype=dtype)
+    policy = load_policy(run, config)
     reference = None
     if config.beta > 0:  # the frozen initial policy
         reference = load_model(config.model_name_or_path, device=device, dtype=dtype, trainable=False)
         reference = wrap(reference, world, fsdp=config.fsdp, param_dtype=dtype, trainable=False)
     rewards = StepRewards([s.solution for s in samples], [s.key_steps for s in samples],
                           preset=config.reward_preset, alpha=config.step_rar_alpha)  # type: ignore[arg-type]
-    engine = make_engine(config, policy, processing, device, dtype, str(checkpoint or config.model_name_or_path),
-                         world)
+    engine = make_engine(config, policy, processing, device, dtype, run.weights, world)
     trainer = StepGRPOTrainer(config, policy=policy, reference=reference, processing=processing, samples=samples,
                               rewards=rewards, engine=engine, device=device,
                               total_steps=total_steps(config, len(samples), world.size), world=world)

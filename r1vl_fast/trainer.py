@@ -37,6 +37,18 @@ def make_optimizer(model: Any, config: RunConfig, total_steps: int) -> tuple[Any
     return optimizer, scheduler
 
 
+def optimizer_step(model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float) -> dict[str, float]:
+    """Clip the accumulated gradients (0: no clipping), step the optimizer and the schedule, clear the gradients;
+    returns the pre-clip gradient norm and the learning rate the step used."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": float(norm), "learning_rate": lr}
+
+
 @dataclass
 class RolloutBatch:
     """One micro-batch of P prompts × G completions, scored, with everything the update needs."""
@@ -162,14 +174,9 @@ class StepGRPOTrainer:
                 token_sums[key] += float(value) * n
         total_tokens = max(all_sum(tokens, self.world), 1.0)
         sums = {"loss": loss_sum, **{k: all_sum(v, self.world) / total_tokens for k, v in token_sums.items()}}
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        stepped = optimizer_step(self.policy, self.optimizer, self.scheduler, c.max_grad_norm)
         self.engine.sync_weights(unwrap(self.policy))
-        return {**sums, "grad_norm": float(norm), "learning_rate": lr}
+        return {**sums, **stepped}
 
     def rollout_metrics(self, buffer: list[RolloutBatch]) -> dict[str, float]:
         r = [mb.rewards for mb in buffer]
