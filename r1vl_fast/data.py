@@ -95,9 +95,10 @@ class SFTSample:
     response: str
     image: Path | None
     where: str
-    tokens: int = 0
+    tokens: int = 0  # prompt + response
     image_size: tuple[int, int] | None = None
     image_tokens: int = 0
+    response_tokens: int = 0  # what the SFT loss averages over
 
 
 @dataclass
@@ -224,7 +225,8 @@ def load_sft_dataset(
                 image, size = _image_size(row, "images[0]", images[0], root)
                 tokens = processing.image_token_count(*size)
             prompt = prompt.replace("<image>", "")
-            length = len(processing.prompt_ids(prompt, tokens)) + len(processing.encode_response(response))
+            response_tokens = len(processing.encode_response(response))
+            length = len(processing.prompt_ids(prompt, tokens)) + response_tokens
             if length > max_length:
                 raise DataError(f"{row.where()}: sequence is {length} tokens > max_length {max_length}")
         except DataError as e:
@@ -234,7 +236,7 @@ def load_sft_dataset(
             report.errors.append(str(e))
             log.warning("skipped: %s", e)
             continue
-        samples.append(SFTSample(prompt, response, image, row.where(), length, size, tokens or 0))
+        samples.append(SFTSample(prompt, response, image, row.where(), length, size, tokens or 0, response_tokens))
     report.kept = len(samples)
     if not samples and not allow_empty:
         raise DataError(f"{path}: no usable rows ({report.summary()})")

@@ -59,8 +59,8 @@ class SFTTrainer:
         self.policy.train()
         batches = [self.world.shard(self.sampler.take(c.per_device_train_batch_size * self.world.size))
                    for _ in range(c.gradient_accumulation_steps)]
-        # token-mean over the whole accumulated global batch: count the response tokens first
-        local_tokens = sum(len(self.processing.encode_response(self.samples[i].response)) for b in batches for i in b)
+        # token-mean over the whole accumulated global batch: count the response tokens first (known from loading)
+        local_tokens = sum(self.samples[i].response_tokens for b in batches for i in b)
         total_tokens = int(all_sum(float(local_tokens), self.world))
         total_loss = 0.0
         for ids in batches:
