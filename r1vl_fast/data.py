@@ -109,6 +109,12 @@ class Report:
     skipped: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)  # every skipped row's message (file, line, reason)
 
+    def skip(self, error: DataError, reason: str) -> None:
+        """Count a skipped row under ``reason`` and keep its message."""
+        self.skipped[reason] += 1
+        self.errors.append(str(error))
+        log.warning("skipped: %s", error)
+
     def summary(self) -> str:
         if not self.skipped:
             return f"{self.kept} rows"
@@ -187,10 +193,7 @@ def load_rl_dataset(
         except DataError as e:
             if not skip_invalid:
                 raise
-            reason = "over-long prompts" if "max_prompt_length" in str(e) else "invalid rows"
-            report.skipped[reason] += 1
-            report.errors.append(str(e))
-            log.warning("skipped: %s", e)
+            report.skip(e, "over-long prompts" if "max_prompt_length" in str(e) else "invalid rows")
             continue
         samples.append(Sample(problem, solution, key_steps, image, row.where(), length, size, tokens or 0))
     report.kept = len(samples)
@@ -232,9 +235,7 @@ def load_sft_dataset(
         except DataError as e:
             if not skip_invalid:
                 raise
-            report.skipped["over-long rows" if "max_length" in str(e) else "invalid rows"] += 1
-            report.errors.append(str(e))
-            log.warning("skipped: %s", e)
+            report.skip(e, "over-long rows" if "max_length" in str(e) else "invalid rows")
             continue
         samples.append(SFTSample(prompt, response, image, row.where(), length, size, tokens or 0, response_tokens))
     report.kept = len(samples)
