@@ -27,20 +27,11 @@ def _device() -> torch.device:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Processing, list[PromptInputs]]:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
     from r1vl_fast.demo.shapes import corpus
-    from r1vl_fast.modeling import DEMO_TOKENIZER
+    from r1vl_fast.modeling import save_tiny_lm
 
-    path = tmp_path_factory.mktemp("lm")
-    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    path = save_tiny_lm(tmp_path_factory.mktemp("lm"), hidden_size=256, intermediate_size=768, layers=4, heads=4,
+                        kv_heads=2, max_position_embeddings=512)
     processing = Processing.from_pretrained(str(path), min_pixels=3136, max_pixels=3136, multimodal=False)
     problems = corpus(PROMPTS, seed=1)[::2]
     return str(path), processing, [PromptInputs(processing.prompt_ids(q, None)) for q in problems]

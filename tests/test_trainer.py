@@ -176,15 +176,9 @@ def test_checkpoint_reloads_with_transformers(tiny: dict[str, Path], tmp_path: P
 
 
 def test_text_only_causal_lm_trains_on_a_text_dataset(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from r1vl_fast.modeling import save_tiny_lm
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny["init"])
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "lm")
-    tokenizer.save_pretrained(tmp_path / "lm")
+    save_tiny_lm(tmp_path / "lm")  # the demo tokenizer, as the tiny Qwen2-VL uses
     rows = [r.data for r in read_rows(tiny["rl"])]
     for r in rows:
         del r["image_path"]

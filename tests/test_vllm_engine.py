@@ -31,20 +31,9 @@ MEMORY = 0.2  # of the node's memory, for the KV cache: the default 0.9 fails on
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from r1vl_fast.modeling import save_tiny_lm
 
-    from r1vl_fast.modeling import DEMO_TOKENIZER
-
-    path = tmp_path_factory.mktemp("lm")
-    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_lm(tmp_path_factory.mktemp("lm"), max_position_embeddings=512)
 
 
 @pytest.fixture(scope="module")
