@@ -202,6 +202,19 @@ def load_rl_dataset(
     return samples, report
 
 
+def mulberry_turns(row: Row) -> tuple[str, str, str | None]:
+    """A Mulberry row's user prompt (``<image>`` removed), assistant response and image path (None if none)."""
+    messages = _need(row, "messages", list)
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in messages):
+        raise DataError(f"{row.where()}: field 'messages' must be [user, assistant] turns with str content, "
+                        f"got roles {roles}")
+    images = _need(row, "images", list, optional=True) or []
+    if len(images) > 1 or (images and not isinstance(images[0], str)):
+        raise DataError(f"{row.where()}: field 'images' must hold at most one path")
+    return messages[0]["content"].replace("<image>", ""), messages[1]["content"], images[0] if images else None
+
+
 def load_sft_dataset(
     path: str | Path, processing: Processing, *, image_root: str | Path | None = None, max_length: int,
     skip_invalid: bool = False, allow_empty: bool = False,
@@ -212,22 +225,13 @@ def load_sft_dataset(
     report = Report()
     for row in read_rows(path):
         try:
-            messages = _need(row, "messages", list)
-            roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-            if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in messages):
-                raise DataError(f"{row.where()}: field 'messages' must be [user, assistant] turns with str content, "
-                                f"got roles {roles}")
-            prompt, response = messages[0]["content"], messages[1]["content"]
-            images = _need(row, "images", list, optional=True) or []
+            prompt, response, rel = mulberry_turns(row)
             image, tokens, size = None, None, None
-            if len(images) > 1 or (images and not isinstance(images[0], str)):
-                raise DataError(f"{row.where()}: field 'images' must hold at most one path")
-            if images:
+            if rel is not None:
                 if not processing.multimodal:
                     raise DataError(f"{row.where()}: field 'images': the model is text-only")
-                image, size = _image_size(row, "images[0]", images[0], root)
+                image, size = _image_size(row, "images[0]", rel, root)
                 tokens = processing.image_token_count(*size)
-            prompt = prompt.replace("<image>", "")
             response_tokens = len(processing.encode_response(response))
             length = len(processing.prompt_ids(prompt, tokens)) + response_tokens
             if length > max_length:
