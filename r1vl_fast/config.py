@@ -130,6 +130,8 @@ class GRPOTrainConfig(RunConfig):
                                                                 "or zeroed above the cap (mask).",
                                               ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"))
     vllm_importance_sampling_cap: float = _opt(2.0, "Cap of the importance ratio.")
+    eval_steps: int = _opt(0, "Score --eval_dataset with the current policy every this many steps and log it as "
+                              "eval/* metrics (0: only before and after training).")
     log_completions_steps: int = _opt(10, "Write sample completions to completions.jsonl every this many steps.")
     num_completions_to_log: int = _opt(4, "Completions written each time.")
     sft_steps: int = _opt(150, "Demo only: SFT warm-up steps before StepGRPO.")
@@ -148,6 +150,10 @@ class GRPOTrainConfig(RunConfig):
             raise ValueError(f"--logprob_temperature must be > 0, got {self.logprob_temperature}")
         if self.beta < 0:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
+        if self.eval_steps < 0:
+            raise ValueError(f"--eval_steps must be >= 0, got {self.eval_steps}")
+        if self.eval_steps > 0 and self.eval_dataset is None:
+            raise ValueError("--eval_steps needs --eval_dataset (the held-out rows to score)")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if not self.vllm_importance_sampling_cap > 0:

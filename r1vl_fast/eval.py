@@ -21,14 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from r1vl_fast.checkpoint import rng_state, set_rng_state
 from r1vl_fast.config import GRPOTrainConfig
 from r1vl_fast.data import DataError, Sample, encode_prompt, load_rl_dataset, read_rows
+from r1vl_fast.distributed import World, all_sum
 from r1vl_fast.modeling import is_multimodal, load_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.rewards import MathVerifier, final_answer, match_key_steps, normalize, step_rvr
 from r1vl_fast.rewards.answers import default_verifier
 from r1vl_fast.rewards.scoring import StepRewards
-from r1vl_fast.rollout import HFRolloutEngine, RolloutEngine, SamplingConfig, make_engine
+from r1vl_fast.rollout import HFRolloutEngine, RolloutEngine, SamplingConfig, draw_seeds, make_engine
 
 log = logging.getLogger("r1vl_fast")
 
@@ -152,17 +154,20 @@ def evaluate_file(model_path: str, dataset: str | Path, output_dir: str | Path, 
 
 def sample_completions(engine: RolloutEngine, processing: Processing, prompts: list[tuple[str, Path | None]], *,
                        n: int, temperature: float | None, max_new_tokens: int, batch_size: int = 16,
-                       seed: int = 0) -> tuple[list[str], list[int]]:
+                       seed: int = 0, seeds: list[int] | None = None) -> tuple[list[str], list[int]]:
     """Texts and token counts of ``n`` completions per (problem, image), prompt-major, in batches;
-    ``temperature=None`` decodes greedily."""
+    ``temperature=None`` decodes greedily. Prompt i samples with ``seeds[i]`` (default: drawn after seeding
+    torch's generator with ``seed``)."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, greedy=temperature is None,
                               temperature=temperature or 1.0)
-    torch.manual_seed(seed)
+    if seeds is None:
+        torch.manual_seed(seed)
+        seeds = draw_seeds(len(prompts))
     texts: list[str] = []
     lengths: list[int] = []
     for start in range(0, len(prompts), batch_size):
         batch = [encode_prompt(processing, problem, image) for problem, image in prompts[start: start + batch_size]]
-        out = engine.generate(batch, n=n, sampling=sampling)
+        out = engine.generate(batch, n=n, sampling=sampling, seeds=seeds[start: start + batch_size])
         texts += out.texts
         lengths += out.completion_mask.sum(dim=1).tolist()
     return texts, lengths
@@ -170,18 +175,38 @@ def sample_completions(engine: RolloutEngine, processing: Processing, prompts: l
 
 def evaluate(model: Any, processing: Processing, samples: list[Sample], *, preset: str = "paper", alpha: float = 0.1,
              max_new_tokens: int = 256, batch_size: int = 16, temperature: float | None = None, n: int = 1,
-             seed: int = 0, device: torch.device | None = None) -> dict[str, float]:
+             seed: int = 0, device: torch.device | None = None, world: World | None = None,
+             synced: bool = False) -> dict[str, float]:
     """Held-out scoring with the training rewards: mean reward, answer accuracy, validity (StepRVR) and key-step
-    recall over ``n`` completions per sample (sampled: the quantity RL maximises; or greedy)."""
+    recall over ``n`` completions per sample (sampled: the quantity RL maximises; or greedy).
+
+    Leaves every random generator as it found it, so a run that evaluates mid-training trains exactly like one
+    that does not. Under torchrun each rank scores its share and the sums are reduced (``synced``: FSDP ranks
+    generate in step, so every rank runs the same number of batches)."""
     device = device or next(model.parameters()).device
-    rewards = StepRewards([s.solution for s in samples], [s.key_steps for s in samples], preset=preset,  # type: ignore[arg-type]
+    world = world or World()
+    state = rng_state()
+    try:
+        torch.manual_seed(seed)
+        seeds = draw_seeds(len(samples))  # one per held-out prompt, whichever rank scores it
+        share, share_seeds = samples[world.rank :: world.size], seeds[world.rank :: world.size]
+        padded = -(-len(samples) // world.size)  # every rank the same batches: pad with copies that carry no weight
+        weights = [1.0] * len(share) + [0.0] * (padded - len(share))
+        share, share_seeds = share + [samples[0]] * (padded - len(share)), share_seeds + [0] * (padded - len(share))
+        texts, _ = sample_completions(HFRolloutEngine(model, processing, device, synced=synced), processing,
+                                      [(s.problem, s.image) for s in share], n=n, temperature=temperature,
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size, seeds=share_seeds)
+    finally:
+        set_rng_state(state)
+    rewards = StepRewards([s.solution for s in share], [s.key_steps for s in share], preset=preset,  # type: ignore[arg-type]
                           alpha=alpha)
-    texts, _ = sample_completions(HFRolloutEngine(model, processing, device), processing,
-                                  [(s.problem, s.image) for s in samples], n=n, temperature=temperature,
-                                  max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
-    scores = rewards(texts, [i for i in range(len(samples)) for _ in range(n)])
-    return {"reward": float(scores.total.mean()), "accuracy": float(scores.correct.mean()),
-            "validity": float(scores.step_rvr.mean()), "key_step_recall": float(scores.key_steps.mean())}
+    scores = rewards(texts, [i for i in range(len(share)) for _ in range(n)])
+    weight = np.repeat(np.asarray(weights), n)
+    count = all_sum(float(weight.sum()), world)
+    parts = {"reward": scores.total, "accuracy": scores.correct, "validity": scores.step_rvr,
+             "key_step_recall": scores.key_steps}
+    return {k: all_sum(float((np.asarray(v, dtype=np.float64) * weight).sum()), world) / count
+            for k, v in parts.items()}
 
 
 def evaluate_checkpoint(path: str | Path, dataset: str | Path, config: GRPOTrainConfig,

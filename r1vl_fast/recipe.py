@@ -9,6 +9,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -156,9 +157,11 @@ class GracefulStop:
 
 
 def run_loop(trainer: Trainer, config: RunConfig, output_dir: Path, processing: Any, *, kind: str,
-             on_step: Any = None, checkpoint: Path | None = None, world: World | None = None) -> Path:
+             on_step: Any = None, checkpoint: Path | None = None, world: World | None = None,
+             evaluate: Callable[[], dict[str, float]] | None = None, eval_steps: int = 0) -> Path:
     """Steps ``trainer`` to ``total_steps`` with logging and checkpoints; returns the last checkpoint.
-    Under torchrun every rank steps; rank 0 alone writes logs and checkpoints."""
+    Under torchrun every rank steps; rank 0 alone writes logs and checkpoints. Every ``eval_steps`` steps, every
+    rank calls ``evaluate`` and its results join that step's metrics as ``eval/*``."""
     world = world or World()
     if checkpoint is not None:
         state, tensors = load_state(checkpoint)
@@ -187,6 +190,10 @@ def run_loop(trainer: Trainer, config: RunConfig, output_dir: Path, processing: 
         with GracefulStop() as stop:
             while trainer.step_idx < trainer.total_steps:
                 metrics = trainer.step()
+                if evaluate is not None and eval_steps > 0 and trainer.step_idx % eval_steps == 0:
+                    start = time.perf_counter()
+                    metrics |= {f"eval/{k}": v for k, v in evaluate().items()}
+                    metrics["time/eval"] = time.perf_counter() - start
                 runlog.log(metrics)
                 if on_step is not None and world.main:
                     on_step(trainer, runlog, metrics)

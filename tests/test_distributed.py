@@ -55,13 +55,18 @@ def runs(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dic
 
 def test_two_ranks_match_one_rank_and_fsdp2_matches_ddp(tiny: dict[str, Path], runs: dict[str, Path]) -> None:
     root = runs["root"]
-    one = _train(tiny, root / "one", 1, 4)
-    ddp = _train(tiny, root / "ddp", 2, 2)
-    fsdp = _train(tiny, root / "fsdp", 2, 2, "--fsdp")
+    scored = ("--eval_dataset", str(tiny["eval"]), "--eval_steps", "2")  # 8 held-out prompts, 4 per rank
+    one = _train(tiny, root / "one", 1, 4, *scored)
+    ddp = _train(tiny, root / "ddp", 2, 2, *scored)
+    fsdp = _train(tiny, root / "fsdp", 2, 2, "--fsdp", *scored)
     # a real update happened (the on-policy GRPO loss value itself is ~0: group-normalised advantages average out)
     assert all(m["grad_norm"] > 0 for m in one) and len({m["reward"] for m in one}) > 1
     _close(ddp, one)
     _close(fsdp, ddp)
+    # held-out scoring mid-run: each rank scores its share, the reduced figures are one rank's
+    evals = [{k: v for k, v in run[1].items() if k.startswith("eval/")} for run in (one, ddp, fsdp)]
+    assert len(evals[0]) == 4 and all("eval/reward" not in run[0] for run in (one, ddp, fsdp))
+    assert evals[1] == pytest.approx(evals[0], abs=1e-6) and evals[2] == pytest.approx(evals[0], abs=1e-6)
     # one HF directory with the full model, loadable by transformers, from either layout
     from transformers import AutoModelForImageTextToText
 

@@ -19,6 +19,7 @@ import torch
 from r1vl_fast.checkpoint import latest_checkpoint, save_checkpoint
 from r1vl_fast.config import GRPOTrainConfig, SFTConfig, build_parser, parse_config
 from r1vl_fast.data import DataError, load_rl_dataset, load_sft_dataset, read_rows
+from r1vl_fast.eval import evaluate_checkpoint
 from r1vl_fast.modeling import load_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.rewards import step_rar, step_rvr
@@ -123,6 +124,28 @@ def test_sigterm_saves_and_exits_zero_then_latest_resumes_exactly(tiny: dict[str
 
     run_grpo(_config([*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]))
     assert _without_time(_metrics(out)) == _without_time(_metrics(straight))
+
+
+def test_eval_steps_scores_the_live_policy_without_changing_training(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """--eval_steps logs eval/* at every 2nd step; the values are those of the checkpoint saved at that step
+    scored on its own, and the training metrics are those of a run that never evaluates (RNGs untouched)."""
+    plain, scored = tmp_path / "plain", tmp_path / "scored"
+    run_grpo(_config(_args(tiny, plain)))
+    config = _config(_args(tiny, scored, eval_dataset=tiny["eval"], eval_steps=2))
+    run_grpo(config)
+    rows = _metrics(scored)
+    eval_keys = {"eval/reward", "eval/accuracy", "eval/validity", "eval/key_step_recall"}
+    assert [sorted(eval_keys & set(r)) == sorted(eval_keys) for r in rows] == [False, True, False, True]
+    strip = ("time/eval", *eval_keys)
+    assert _without_time([{k: v for k, v in r.items() if k not in strip} for r in rows]) == \
+        _without_time(_metrics(plain))
+    for step in (2, 4):
+        alone = evaluate_checkpoint(scored / f"checkpoint-{step}", tiny["eval"], config, torch.device("cpu"))
+        logged = rows[step - 1]
+        assert {k: logged[f"eval/{k}"] for k in alone} == pytest.approx(alone, abs=1e-9)
+    assert 0 <= rows[1]["eval/validity"] <= 1 and rows[1]["eval/reward"] > 0
+    with pytest.raises(ValueError, match="--eval_steps needs --eval_dataset"):
+        _config(_args(tiny, scored, eval_steps=2))
 
 
 def test_interrupted_save_is_never_picked_as_latest(tiny: dict[str, Path], tmp_path: Path,
