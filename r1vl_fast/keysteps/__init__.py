@@ -4,7 +4,7 @@
 Two extractors: ``rules`` (offline, deterministic; :mod:`.rules`) and ``llm`` (any OpenAI-compatible endpoint;
 :mod:`.llm`). Every row is checked before it is written: its own reference CoT must match all of its key-step
 groups (k = 1) with the matcher the trainer will use. Rows that cannot be converted are written, with the
-reason, to ``<output>.rejected.jsonl``, never to the output. Rows are appended as they finish, so an interrupted
+reason, to ``<output stem>.rejected.jsonl``, never to the output. Rows are appended as they finish, so an interrupted
 run resumes where it stopped.
 
     python -m r1vl_fast.keysteps --input mulberry.jsonl --output train.jsonl
@@ -194,7 +194,7 @@ def _read_done(output: Path, n_rows: int) -> set[int]:
 
 
 def _settings_file(output: Path) -> Path:
-    return output.with_name(output.name + ".settings.json")
+    return output.with_name(output.stem + ".settings.json")
 
 
 def _check_settings(output: Path, settings: dict[str, Any], overwrite: bool) -> None:

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn Mulberry-format SFT rows (messages with the assistant CoT, images) into R1-VL-10K rows "
                     "(image_path, problem, solution, key_steps) for StepGRPO. Rows are appended as they finish; "
                     "rerunning the same command resumes. Rows that cannot be converted go to "
-                    "OUTPUT.rejected.jsonl with the reason.")
+                    "<output stem>.rejected.jsonl (train.rejected.jsonl for train.jsonl) with the reason.")
     parser.add_argument("--input", required=True, help="Mulberry SFT file (JSON array or JSONL).")
     parser.add_argument("--output", required=True, help="R1-VL-10K JSONL file to write.")
     parser.add_argument("--extractor", choices=("rules", "llm"), default="rules",
