@@ -209,17 +209,29 @@ def evaluate(model: Any, processing: Processing, samples: list[Sample], *, prese
             for k, v in parts.items()}
 
 
-def evaluate_checkpoint(path: str | Path, dataset: str | Path, config: GRPOTrainConfig,
-                        device: torch.device) -> dict[str, float]:
-    """:func:`evaluate` on a saved model, with the run's rewards and sampling (G samples per prompt)."""
-    processing = Processing.from_pretrained(str(path), min_pixels=config.min_pixels, max_pixels=config.max_pixels,
-                                            multimodal=is_multimodal(str(path)))
+def load_held_out(dataset: str | Path, processing: Processing, config: GRPOTrainConfig) -> list[Sample]:
+    """Held-out R1-VL rows, validated like the run's training rows."""
     samples, _ = load_rl_dataset(dataset, processing, image_root=config.image_root,
                                  max_prompt_length=config.max_prompt_length, skip_invalid=config.skip_invalid)
-    model = load_model(str(path), device=device, dtype=torch.float32, trainable=False)
+    return samples
+
+
+def evaluate_run(model: Any, processing: Processing, samples: list[Sample], config: GRPOTrainConfig,
+                 device: torch.device, *, world: World | None = None, synced: bool = False) -> dict[str, float]:
+    """:func:`evaluate` with the run's rewards and sampling (G samples per prompt at ``--temperature``)."""
     return evaluate(model, processing, samples, preset=config.reward_preset, alpha=config.step_rar_alpha,
                     max_new_tokens=config.max_completion_length, temperature=config.temperature,
-                    n=config.num_generations, seed=config.seed, device=device)
+                    n=config.num_generations, seed=config.seed, device=device, world=world, synced=synced)
+
+
+def evaluate_checkpoint(path: str | Path, dataset: str | Path, config: GRPOTrainConfig,
+                        device: torch.device) -> dict[str, float]:
+    """:func:`evaluate_run` on a saved model."""
+    processing = Processing.from_pretrained(str(path), min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+                                            multimodal=is_multimodal(str(path)))
+    samples = load_held_out(dataset, processing, config)
+    model = load_model(str(path), device=device, dtype=torch.float32, trainable=False)
+    return evaluate_run(model, processing, samples, config, device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
+from r1vl_fast.distributed import is_fsdp
 from r1vl_fast.processing import Processing, PromptInputs, batch_inputs
 
 log = logging.getLogger("r1vl_fast")
@@ -166,6 +167,8 @@ class HFRolloutEngine:
             out = self.model.generate(**batch, **kwargs)
         finally:
             self.model.train(was_training)
+            if is_fsdp(self.model):
+                self.model.reshard()  # FSDP2 leaves the root gathered after generate(); saves and steps need shards
         return finish(self.processing, out[:, batch["input_ids"].shape[1]:].cpu())
 
     def sync_weights(self, model: Any) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from r1vl_fast.config import GRPOTrainConfig, parse_config
 from r1vl_fast.data import load_rl_dataset
 from r1vl_fast.distributed import barrier, is_fsdp, unwrap, wrap
-from r1vl_fast.eval import evaluate, evaluate_checkpoint
+from r1vl_fast.eval import evaluate_checkpoint, evaluate_run, load_held_out
 from r1vl_fast.modeling import load_model
 from r1vl_fast.recipe import load_policy, run_loop, seed_everything, setup_logging, start_run
 from r1vl_fast.rewards.scoring import StepRewards
@@ -72,17 +72,11 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
     evaluate_now = None
     if config.eval_steps > 0:
         assert config.eval_dataset is not None
-        held_out, _ = load_rl_dataset(config.eval_dataset, processing, image_root=config.image_root,
-                                      max_prompt_length=config.max_prompt_length, skip_invalid=config.skip_invalid)
+        held_out = load_held_out(config.eval_dataset, processing, config)
 
-        def evaluate_now() -> dict[str, float]:  # the live policy, with the run's rewards and sampling
-            scores = evaluate(unwrap(policy), processing, held_out, preset=config.reward_preset,
-                              alpha=config.step_rar_alpha, max_new_tokens=config.max_completion_length,
-                              temperature=config.temperature, n=config.num_generations, seed=config.seed,
-                              device=device, world=world, synced=is_fsdp(policy))
-            if is_fsdp(policy):
-                policy.reshard()  # generate() leaves the FSDP2 root gathered; checkpoints need the shards
-            return scores
+        def evaluate_now() -> dict[str, float]:  # the live policy
+            return evaluate_run(unwrap(policy), processing, held_out, config, device, world=world,
+                                synced=is_fsdp(policy))
 
     last = run_loop(trainer, config, output_dir, processing, kind="StepGRPO", on_step=on_step,
                     checkpoint=checkpoint, world=world, evaluate=evaluate_now, eval_steps=config.eval_steps)
