@@ -154,10 +154,16 @@ def _check_key_steps(row: Row, value: Any) -> dict[str, Any]:
     return value
 
 
-def _image_size(row: Row, field_name: str, rel: str, root: Path) -> tuple[Path, tuple[int, int]]:
+def image_path(row: Row, field_name: str, rel: str, root: Path) -> Path:
+    """A row's image file: ``rel`` under ``root`` unless absolute; a named error when it does not exist."""
     path = Path(rel) if Path(rel).is_absolute() else root / rel
     if not path.is_file():
         raise DataError(f"{row.where()}: field {field_name!r}: image not found: {path}")
+    return path
+
+
+def _image_size(row: Row, field_name: str, rel: str, root: Path) -> tuple[Path, tuple[int, int]]:
+    path = image_path(row, field_name, rel, root)
     try:
         with Image.open(path) as im:
             im.load()

@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1vl_fast.data import DataError, Report, mulberry_turns, read_rows
+from r1vl_fast.data import DataError, Report, image_path, mulberry_turns, read_rows
 from r1vl_fast.keysteps.llm import EndpointError, LLMExtractor, parse_answer
 from r1vl_fast.keysteps.rules import equivalent_forms, extract_key_steps, step_sections
 from r1vl_fast.rewards import final_answer, match_key_step_groups
+from r1vl_fast.rewards.step_rar import preset_matching
 
 __all__ = ["ConvertResult", "EndpointError", "LLMExtractor", "SourceRow", "convert", "equivalent_forms",
            "extract_key_steps", "parse_answer", "read_sources", "unmatched_groups"]
@@ -57,35 +58,25 @@ def read_sources(path: str | Path, *, output: str | Path, image_root: str | Path
     for row in read_rows(path):
         try:
             problem, cot, rel = mulberry_turns(row)
-            image_path = None
+            image = None
             if rel is not None:
-                image = Path(rel) if Path(rel).is_absolute() else root / rel
-                if not image.is_file():
-                    raise DataError(f"{row.where()}: field 'images[0]': image not found: {image}")
-                image_path = os.path.relpath(image.resolve(), out_dir)
+                image = os.path.relpath(image_path(row, "images[0]", rel, root).resolve(), out_dir)
         except DataError as e:
             if not skip_invalid:
                 raise
             report.skip(e, "invalid rows")
             continue
-        rows.append(SourceRow(row.index, row.where(), problem.strip(), cot, image_path))
+        rows.append(SourceRow(row.index, row.where(), problem.strip(), cot, image))
     report.kept = len(rows)
     return rows, report
-
-
-def match_settings(reward_preset: str) -> dict[str, Any]:
-    """The trainer's matcher for a reward preset (see ``rewards.scoring.StepRewards``)."""
-    if reward_preset not in ("paper", "r1vl"):
-        raise ValueError(f"reward_preset must be 'paper' or 'r1vl', got {reward_preset!r}")
-    return {"mode": "r1vl", "min_alt_len": 0} if reward_preset == "r1vl" else {"mode": "normalized",
-                                                                               "min_alt_len": 1}
 
 
 def unmatched_groups(cot: str, groups: list[list[str]], reward_preset: str = "paper") -> list[int]:
     """Indices of the groups that the CoT itself does not match with the trainer's matcher (empty: k = 1)."""
     if not groups:
         return []
-    found = match_key_step_groups([cot], [{"Steps": groups}], scope="steps", **match_settings(reward_preset))[0]
+    mode, min_alt_len = preset_matching(reward_preset)
+    found = match_key_step_groups([cot], [{"Steps": groups}], mode=mode, scope="steps", min_alt_len=min_alt_len)[0]
     return [g for g, ok in enumerate(found) if not ok]
 
 
@@ -124,8 +115,6 @@ class ConvertResult:
 
 
 def _rules_outcome(row: SourceRow, reward_preset: str, max_steps: int, max_forms: int) -> Outcome:
-    if problem := _cot_problem(row.cot):
-        return Outcome(row, None, problem, "unusable reference CoT")
     groups = extract_key_steps(row.cot, max_steps=max_steps, max_forms=max_forms)
     if not groups:
         return Outcome(row, None, "no numbers, equations or key phrases in the Step sections", "no key steps")
@@ -135,33 +124,31 @@ def _rules_outcome(row: SourceRow, reward_preset: str, max_steps: int, max_forms
     return Outcome(row, groups)
 
 
-def _llm_outcome(row: SourceRow, extractor: LLMExtractor, reward_preset: str, max_forms: int) -> Outcome:
-    if problem := _cot_problem(row.cot):
-        return Outcome(row, None, problem, "unusable reference CoT")
-    refined: list[list[str]] = []
+def _with_our_forms(group: list[str], max_forms: int) -> list[str]:
+    """The model's forms of a key step first, then the rules' forms it missed (case-insensitively)."""
+    forms = list(group)
+    seen = {f.lower() for f in forms}
+    for form in equivalent_forms(group[0], max_forms):
+        if len(forms) < max_forms and form.lower() not in seen:
+            forms.append(form)
+            seen.add(form.lower())
+    return forms
 
+
+def _llm_outcome(row: SourceRow, extractor: LLMExtractor, reward_preset: str, max_forms: int) -> Outcome:
     def check(groups: list[list[str]]) -> str | None:
         missing = unmatched_groups(row.cot, groups, reward_preset)
-        if missing:
-            listed = ", ".join(json.dumps(groups[g][0]) for g in missing)
-            return f"these key steps are not written in the Step sections of the solution: {listed}"
-        refined.clear()
-        for group in groups:  # the model's forms first, then ours for what it missed
-            forms = list(group)
-            seen = {f.lower() for f in forms}
-            for form in equivalent_forms(group[0], max_forms):
-                if len(forms) < max_forms and form.lower() not in seen:
-                    forms.append(form)
-                    seen.add(form.lower())
-            refined.append(forms)
-        return None
+        if not missing:
+            return None
+        listed = ", ".join(json.dumps(groups[g][0]) for g in missing)
+        return f"these key steps are not written in the Step sections of the solution: {listed}"
 
     attempt = extractor.extract(row.problem, row.cot, check)
     if attempt.groups is None:
         tries = len(attempt.problems)
         return Outcome(row, None, f"no usable answer in {tries} attempt{'s' * (tries != 1)}: {attempt.problems[-1]}",
                        "no usable LLM answer", attempt.replies)
-    return Outcome(row, refined, replies=attempt.replies)
+    return Outcome(row, [_with_our_forms(g, max_forms) for g in attempt.groups], replies=attempt.replies)
 
 
 def _read_done(output: Path, n_rows: int) -> set[int]:
@@ -254,7 +241,7 @@ def convert(input_path: str | Path, output: str | Path, *, extractor: str = "rul
     settings = {"input": str(Path(input_path).resolve()), "extractor": extractor, "reward_preset": reward_preset,
                 "max_key_steps": max_key_steps, "max_forms": max_forms,
                 "model": llm.model if llm is not None and extractor == "llm" else None}
-    match_settings(reward_preset)
+    preset_matching(reward_preset)  # an unknown preset fails before any file is touched
     _check_settings(output, settings, overwrite)
     n_rows = max((r.index for r in rows), default=-1) + 1
     done = _read_done(output, n_rows)
@@ -265,14 +252,16 @@ def convert(input_path: str | Path, output: str | Path, *, extractor: str = "rul
     if extractor == "llm":
         assert llm is not None
         llm.check_endpoint()
-
-        def work(row: SourceRow) -> Outcome:
-            return _llm_outcome(row, llm, reward_preset, max_forms)
     else:
         concurrency = 1
 
-        def work(row: SourceRow) -> Outcome:
-            return _rules_outcome(row, reward_preset, max_key_steps, max_forms)
+    def work(row: SourceRow) -> Outcome:
+        if problem := _cot_problem(row.cot):
+            return Outcome(row, None, problem, "unusable reference CoT")
+        if extractor == "llm":
+            assert llm is not None
+            return _llm_outcome(row, llm, reward_preset, max_forms)
+        return _rules_outcome(row, reward_preset, max_key_steps, max_forms)
 
     from tqdm.auto import tqdm
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from r1vl_fast.rewards.key_steps import MatchMode, compile_key_steps
-from r1vl_fast.rewards.step_rar import Preset, score_step_rar
+from r1vl_fast.rewards.key_steps import compile_key_steps
+from r1vl_fast.rewards.step_rar import Preset, preset_matching, score_step_rar
 from r1vl_fast.rewards.step_rvr import step_rvr
 
 
@@ -40,8 +40,7 @@ class StepRewards:
                  alpha: float = 0.1) -> None:
         self.solutions = list(solutions)
         self.preset, self.alpha = preset, alpha
-        mode: MatchMode = "r1vl" if preset == "r1vl" else "normalized"
-        min_len = 0 if preset == "r1vl" else 1
+        mode, min_len = preset_matching(preset)
         self.key_steps = compile_key_steps(list(key_steps), mode=mode, min_alt_len=min_len)
 
     def __call__(self, texts: Sequence[str], sample_ids: Sequence[int]) -> RewardBreakdown:

@@ -48,6 +48,14 @@ def _check_texts(name: str, values: Sequence[str], n: int | None = None) -> list
     return values
 
 
+def preset_matching(preset: str) -> tuple[MatchMode, int]:
+    """The key-step matcher of a reward preset, as (mode, min_alt_len): ``r1vl`` the released lower-cased substring
+    search, empty alternatives included; ``paper`` the normalised soft matching, empty alternatives ignored."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    return ("r1vl", 0) if preset == "r1vl" else ("normalized", 1)
+
+
 def _same_answer(pred: str, gold: str) -> bool:
     return normalize(pred).rstrip(". ") == normalize(gold).rstrip(". ")
 
@@ -68,8 +76,7 @@ def score_step_rar(
 ) -> StepRARScores:
     """StepRAR with its parts. ``match_mode`` defaults to ``normalized`` (paper) or ``r1vl``; ``min_alt_len`` to
     1 (paper) or 0 (r1vl). ``key_steps=None`` drops the key-step term (k = 0)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    preset_mode, preset_min_len = preset_matching(preset)
     completions = _check_texts("completions", completions)
     n = len(completions)
     solutions = _check_texts("solutions", solutions, n)
@@ -82,8 +89,8 @@ def score_step_rar(
         if isinstance(key_steps, CompiledKeySteps):
             mode, min_len = match_mode, min_alt_len
         else:
-            mode = match_mode or ("r1vl" if preset == "r1vl" else "normalized")
-            min_len = min_alt_len if min_alt_len is not None else (0 if preset == "r1vl" else 1)
+            mode = match_mode or preset_mode
+            min_len = min_alt_len if min_alt_len is not None else preset_min_len
         matched, total = match_key_step_counts(
             completions, key_steps, mode=mode, scope=scope, fuzzy_threshold=fuzzy_threshold, min_alt_len=min_len,
             threads=threads,
