@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("GRPO-loss benchmarks need a CUDA GPU; this machine has none", allow_module_level=True)
 
-from r1vl_fast.ops import grpo_loss  # noqa: E402
+from r1vl_fast.ops import GRPOConfig, grpo_loss  # noqa: E402
 from r1vl_fast.ops import reference as ref  # noqa: E402
 
 VOCAB = 151_936
@@ -42,7 +42,7 @@ _compiled = torch.compile(_eager)
 
 
 def _ours(logits, ids, mask, adv, ref_logp):
-    return grpo_loss(logits, ids, mask, adv, ref_logp=ref_logp, beta=0.04, impl="triton")[0]
+    return grpo_loss(logits, ids, mask, adv, GRPOConfig(beta=0.04), ref_logp=ref_logp, impl="triton")[0]
 
 
 def _liger(logits, ids, mask, adv, ref_logp):

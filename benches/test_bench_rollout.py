@@ -27,8 +27,8 @@ def _device() -> torch.device:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Processing, list[PromptInputs]]:
+    from r1vl_fast.demo.models import save_tiny_lm
     from r1vl_fast.demo.shapes import corpus
-    from r1vl_fast.modeling import save_tiny_lm
 
     path = save_tiny_lm(tmp_path_factory.mktemp("lm"), hidden_size=256, intermediate_size=768, layers=4, heads=4,
                         kv_heads=2, max_position_embeddings=512)
@@ -40,7 +40,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Processing, li
 @pytest.fixture(scope="module")
 def vllm_engine(setup: tuple[str, Processing, list[PromptInputs]]):  # type: ignore[no-untyped-def]
     pytest.importorskip("vllm", reason="vLLM is not installed")
-    from r1vl_fast.rollout_vllm import VLLMRolloutEngine
+    from r1vl_fast.rollout import VLLMRolloutEngine
 
     path, processing, _ = setup
     device = _device()

@@ -117,12 +117,12 @@ def selective_log_probs_bwd_kernel(
 @triton.jit
 def grpo_loss_fwd_kernel(
     logits_ptr, stride_b, stride_t, T, V, ids_ptr, weight_ptr,
-    adv_ptr, rewards_ptr, group_size, adv_eps,
+    adv_ptr, rewards_ptr, group_size, adv_eps, batch_std_ptr,
     old_ptr, ref_ptr, is_ptr,
     inv_temp, beta, clip_low, clip_high, delta,
     loss_ptr, logp_ptr, kl_ptr, flags_ptr, entropy_ptr, grad_ptr, grad_stride_b, grad_stride_t,
     BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr,
-    FROM_REWARDS: tl.constexpr, SCALE_BY_STD: tl.constexpr, UNBIASED: tl.constexpr,
+    FROM_REWARDS: tl.constexpr, SCALE: tl.constexpr, UNBIASED: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, HAS_DELTA: tl.constexpr,
     KL: tl.constexpr, ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, ALWAYS_READ: tl.constexpr,
 ):
@@ -134,17 +134,20 @@ def grpo_loss_fwd_kernel(
     grad_row_ptr = grad_ptr + b * grad_stride_b + (row - b * T) * grad_stride_t  # may be the logits themselves
     w = tl.load(weight_ptr + row)
 
-    # The group-normalised advantage, from the G rewards of this row's prompt (every row of b agrees).
+    # The group-normalised advantage, from the G rewards of this row's prompt (every row of b agrees), divided by
+    # the group's std (SCALE 1), the batch's (SCALE 2, computed before the launch) or nothing (SCALE 0).
     if FROM_REWARDS:
         first = (b // group_size) * group_size
         k = tl.arange(0, BLOCK_G)
         r = tl.load(rewards_ptr + first + k, mask=k < group_size, other=0.0).to(tl.float32)
         mean = tl.sum(r, axis=0) / group_size
         a = tl.load(rewards_ptr + b).to(tl.float32) - mean
-        if SCALE_BY_STD:
+        if SCALE == 1:
             centred = tl.where(k < group_size, r - mean, 0.0)
             var = tl.sum(centred * centred, axis=0) / (group_size - UNBIASED)
             a = a / (tl.sqrt(var) + adv_eps)
+        elif SCALE == 2:
+            a = a / (tl.load(batch_std_ptr) + adv_eps)
         if row - b * T == 0:
             tl.store(adv_ptr + b, a)
     else:

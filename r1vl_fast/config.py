@@ -1,7 +1,10 @@
 """Run configuration: one dataclass per recipe, defaults written once, documented in ``--help``.
 
 Values are resolved as: dataclass defaults < ``--preset`` < ``--config run.yaml`` < ``--key value`` on the command
-line. Option names follow TRL's GRPOConfig / SFTConfig where one exists.
+line. Option names follow TRL's GRPOConfig / SFTConfig where one exists. Each choice list is owned by the component
+it configures and imported here; every ``auto`` / ``None`` that depends on the machine (device, precision, loss
+implementation, rollout engine, ...) is resolved once, when the config is built, so ``config.json`` records what
+actually ran.
 """
 
 from __future__ import annotations
@@ -9,13 +12,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
+import time
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+from r1vl_fast.ops.config import ADV_SCALES, IMPLS, KL_ESTIMATORS, LOSS_TYPES, GRPOConfig, resolve_impl
+from r1vl_fast.ops.importance import IS_MODES
+from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS
+from r1vl_fast.rewards.step_rar import PRESETS as REWARD_PRESETS
+from r1vl_fast.rollout import ENGINES, resolve_engine
+
+PRESET_NAMES = ("demo", "r1vl-2b", "r1vl-7b")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002
@@ -34,12 +50,10 @@ class RunConfig:
     eval_dataset: str | None = _opt(None, "Held-out rows (same format) scored before and after training.")
     output_dir: str | None = _opt(None, "Where checkpoints, metrics.jsonl and TensorBoard events go "
                                         "(default: runs/<demo|run>-<time>).")
-    preset: str | None = _opt(None, "Recipe preset applied before --config and the command line.",
-                              ("demo", "r1vl-2b", "r1vl-7b"))
+    preset: str | None = _opt(None, "Recipe preset applied before --config and the command line.", PRESET_NAMES)
     seed: int = _opt(42, "Seed of every random number generator (data order, sampling, initialisation).")
     learning_rate: float = _opt(1e-6, "Peak AdamW learning rate.")
-    lr_scheduler_type: str = _opt("linear", "Learning-rate schedule (transformers.get_scheduler).",
-                                  ("linear", "cosine", "constant", "constant_with_warmup"))
+    lr_scheduler_type: str = _opt("linear", "Learning-rate schedule (transformers.get_scheduler).", LR_SCHEDULERS)
     warmup_ratio: float = _opt(0.0, "Fraction of the steps spent warming up the learning rate.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
@@ -53,13 +67,30 @@ class RunConfig:
     report_to: str = _opt("tensorboard", "Trackers, comma-separated: tensorboard, wandb, none.")
     bf16: bool | None = _opt(None, "Train in bfloat16 (default: on when a CUDA GPU supports it).")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
-    min_pixels: int = _opt(3136, "Smallest image area after resizing (pixels).")
-    max_pixels: int = _opt(400000, "Largest image area after resizing (pixels).")
+    min_pixels: int = _opt(MIN_PIXELS, "Smallest image area after resizing (pixels).")
+    max_pixels: int = _opt(MAX_PIXELS, "Largest image area after resizing (pixels).")
     skip_invalid: bool = _opt(False, "Skip (and count) invalid rows and over-long prompts instead of stopping.")
     resume_from_checkpoint: str | None = _opt(None, "A checkpoint directory, or 'latest' in --output_dir.")
-    device: str = _opt("auto", "Training device: auto (cuda if present), cuda, cpu.")
+    device: str = _opt("auto", "Training device: auto (cuda if present), cuda, cpu.", DEVICES)
     fsdp: bool = _opt(False, "Under torchrun, shard the policy (and reference) with FSDP2 per decoder layer and the "
                              "vision tower, instead of DDP replicas.")
+
+    run_kind = "run"  # names the default output directory
+
+    def __post_init__(self) -> None:
+        self.resolve()
+
+    def resolve(self) -> None:
+        """Give every machine-dependent ``auto`` / ``None`` its value (idempotent: a resolved config stays as is)."""
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.bf16 is None:
+            self.bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
+        if self.output_dir is None:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank must agree on one directory
+                raise ValueError("under torchrun, pass --output_dir")
+            kind = "demo" if self.is_demo and self.run_kind == "run" else self.run_kind
+            self.output_dir = str(Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     def validate(self) -> None:
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps",
@@ -106,21 +137,21 @@ class GRPOTrainConfig(RunConfig):
                                        "reported (never cut), or skipped with --skip_invalid.")
     max_completion_length: int = _opt(1024, "Most tokens sampled per completion.")
     beta: float = _opt(0.04, "KL coefficient (0: no reference model).")
-    kl_estimator: str = _opt("k3", "KL estimator.", ("k1", "k2", "k3"))
+    kl_estimator: str = _opt("k3", "KL estimator.", KL_ESTIMATORS)
     epsilon: float = _opt(0.2, "PPO clip range below 1 (and above, unless --epsilon_high).")
     epsilon_high: float | None = _opt(None, "PPO clip range above 1 (default: --epsilon).")
     delta: float | None = _opt(None, "Upper bound on the unclipped ratio (two-sided clipping).")
-    loss_type: str = _opt("grpo", "Loss reduction.", ("grpo", "bnpo", "dr_grpo", "dapo"))
+    loss_type: str = _opt("grpo", "Loss reduction.", LOSS_TYPES)
     num_iterations: int = _opt(1, "mu: policy updates per rollout batch.")
     scale_rewards: str = _opt("group", "Advantage scale: group std (GRPO), batch std, or none (Dr. GRPO).",
-                              ("group", "batch", "none"))
+                              ADV_SCALES)
     reward_preset: str = _opt("paper", "Reward definitions (SPEC): paper, or r1vl (the released code).",
-                              ("paper", "r1vl"))
+                              REWARD_PRESETS)
     step_rar_alpha: float = _opt(0.1, "alpha: weight of the key-step fraction in StepRAR.")
     loss_impl: str = _opt("auto", "GRPO loss: the fused Triton kernel (triton), the PyTorch reference (torch), or "
-                                  "auto (Triton on CUDA, the reference on CPU).", ("auto", "triton", "torch"))
+                                  "auto (Triton on CUDA, the reference on CPU).", IMPLS)
     rollout_engine: str = _opt("auto", "Rollout engine: vllm (colocated, in-process), hf (transformers generate), or "
-                                       "auto (vllm when importable on a GPU, else hf).", ("auto", "hf", "vllm"))
+                                       "auto (vllm when importable on a GPU, else hf).", ENGINES)
     vllm_gpu_memory_utilization: float = _opt(0.3, "Fraction of the device memory vLLM may take (weights + KV "
                                                    "cache); on CPU, of the node's memory.")
     vllm_sleep_mode: bool | None = _opt(None, "Release vLLM's memory between rollouts (default: on with CUDA).")
@@ -128,13 +159,34 @@ class GRPOTrainConfig(RunConfig):
                                                            "(vLLM's log-probs differ slightly from the trainer's).")
     vllm_importance_sampling_mode: str = _opt("token_truncate", "Per-token or per-sequence ratio, capped (truncate) "
                                                                 "or zeroed above the cap (mask).",
-                                              ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"))
+                                              IS_MODES)
     vllm_importance_sampling_cap: float = _opt(2.0, "Cap of the importance ratio.")
     eval_steps: int = _opt(0, "Score --eval_dataset with the current policy every this many steps and log it as "
                               "eval/* metrics (0: only before and after training).")
     log_completions_steps: int = _opt(10, "Write sample completions to completions.jsonl every this many steps.")
     num_completions_to_log: int = _opt(4, "Completions written each time.")
     sft_steps: int = _opt(150, "Demo only: SFT warm-up steps before StepGRPO.")
+
+    def resolve(self) -> None:
+        super().resolve()
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.logprob_temperature is None:
+            self.logprob_temperature = self.temperature
+        if self.loss_impl == "auto":
+            self.loss_impl = resolve_impl("auto", self.device)
+        if self.rollout_engine == "auto":
+            self.rollout_engine = resolve_engine("auto", self.device)
+        if self.vllm_sleep_mode is None:
+            self.vllm_sleep_mode = self.device == "cuda"
+
+    def loss_config(self) -> GRPOConfig:
+        """The GRPO loss settings of this run (built once by the trainer)."""
+        assert self.epsilon_high is not None and self.logprob_temperature is not None  # resolved
+        return GRPOConfig(beta=self.beta, kl=self.kl_estimator, eps_low=self.epsilon, eps_high=self.epsilon_high,
+                          delta=self.delta, loss_type=self.loss_type, temperature=self.logprob_temperature,
+                          max_completion_length=self.max_completion_length, group_size=self.num_generations,
+                          scale_rewards=self.scale_rewards)
 
     def validate(self) -> None:
         super().validate()
@@ -164,9 +216,10 @@ class GRPOTrainConfig(RunConfig):
 class SFTConfig(RunConfig):
     """SFT warm-up on Mulberry-format data (``python -m r1vl_fast.sft``)."""
 
+    run_kind = "sft"
+
     learning_rate: float = _opt(2e-5, "Peak AdamW learning rate.")
-    lr_scheduler_type: str = _opt("cosine", "Learning-rate schedule (transformers.get_scheduler).",
-                                  ("linear", "cosine", "constant", "constant_with_warmup"))
+    lr_scheduler_type: str = _opt("cosine", "Learning-rate schedule (transformers.get_scheduler).", LR_SCHEDULERS)
     warmup_ratio: float = _opt(0.03, "Fraction of the steps spent warming up the learning rate.")
     num_train_epochs: float = _opt(2.0, "Epochs over the dataset when --max_steps is -1.")
     max_length: int = _opt(2048, "Longest training sequence in tokens (prompt + response); longer rows are "
@@ -176,15 +229,15 @@ class SFTConfig(RunConfig):
 # Presets (SPEC.md, "Recipe"). The released scripts ran 4 GPUs with per-device batch 1 x accumulation 4 for RL and
 # a global batch of 128 for SFT; on one process we keep the per-device values.
 _R1VL_RL = dict(num_generations=4, temperature=1.2, logprob_temperature=1.0, max_prompt_length=512,
-                max_completion_length=1024, max_pixels=400000, min_pixels=3136, learning_rate=1e-6,
+                max_completion_length=1024, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, learning_rate=1e-6,
                 lr_scheduler_type="linear", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, beta=0.04,
                 per_device_train_batch_size=1, gradient_accumulation_steps=4, bf16=True, max_steps=13125,
                 reward_preset="r1vl", loss_type="grpo", num_iterations=1, kl_estimator="k3",
                 gradient_checkpointing=True)
 _R1VL_SFT = dict(lr_scheduler_type="cosine", warmup_ratio=0.03, num_train_epochs=2.0, per_device_train_batch_size=4,
-                 gradient_accumulation_steps=8, bf16=True, max_pixels=400000, min_pixels=3136,
+                 gradient_accumulation_steps=8, bf16=True, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS,
                  gradient_checkpointing=True)
-PRESETS: dict[str, dict[type, dict[str, Any]]] = {
+PRESETS: dict[str, dict[type, dict[str, Any]]] = {  # keyed by PRESET_NAMES
     "r1vl-2b": {GRPOTrainConfig: _R1VL_RL, SFTConfig: {**_R1VL_SFT, "learning_rate": 2e-5}},
     "r1vl-7b": {GRPOTrainConfig: {**_R1VL_RL, "temperature": 1.0}, SFTConfig: {**_R1VL_SFT, "learning_rate": 5e-6}},
     "demo": {

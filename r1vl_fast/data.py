@@ -10,20 +10,25 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from r1vl_fast.processing import Processing, PromptInputs
+from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS, Processing, PromptInputs
 
 log = logging.getLogger("r1vl_fast")
 
 
 class DataError(ValueError):
     """A dataset row that cannot be used; the message names the file, line, sample index and field."""
+
+
+class TooLongError(DataError):
+    """A row over the run's length budget (prompts are never cut)."""
 
 
 @dataclass
@@ -162,14 +167,42 @@ def image_path(row: Row, field_name: str, rel: str, root: Path) -> Path:
     return path
 
 
-def _image_size(row: Row, field_name: str, rel: str, root: Path) -> tuple[Path, tuple[int, int]]:
+def _image(row: Row, field_name: str, rel: str, root: Path,
+           processing: Processing) -> tuple[Path, tuple[int, int], int]:
+    """A row's image: its path, its (width, height) on disk and the image tokens it becomes; named errors when the
+    model is text-only, or the file is missing or does not decode."""
+    if not processing.multimodal:
+        raise DataError(f"{row.where()}: field {field_name!r}: the model is text-only")
     path = image_path(row, field_name, rel, root)
     try:
         with Image.open(path) as im:
             im.load()
-            return path, im.size
+            size = im.size
     except Exception as e:  # PIL raises many types for a corrupt file
         raise DataError(f"{row.where()}: field {field_name!r}: image does not decode: {path} ({e})") from None
+    return path, size, processing.image_token_count(*size)
+
+
+T = TypeVar("T")
+
+
+def _load(path: str | Path, parse: Callable[[Row], T], *, skip_invalid: bool, allow_empty: bool,
+          too_long: str) -> tuple[list[T], Report]:
+    """``parse`` every row of ``path``: a bad row stops the load with its error, or with ``skip_invalid`` is
+    skipped and counted (as ``too_long`` when over the length budget, else as an invalid row)."""
+    samples: list[T] = []
+    report = Report()
+    for row in read_rows(path):
+        try:
+            samples.append(parse(row))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            report.skip(e, too_long if isinstance(e, TooLongError) else "invalid rows")
+    report.kept = len(samples)
+    if not samples and not allow_empty:
+        raise DataError(f"{path}: no usable rows ({report.summary()})")
+    return samples, report
 
 
 def load_rl_dataset(
@@ -178,34 +211,22 @@ def load_rl_dataset(
 ) -> tuple[list[Sample], Report]:
     """R1-VL-10K rows (``image_path``, ``problem``, ``solution``, ``key_steps``), validated."""
     root = Path(image_root) if image_root is not None else Path(path).parent
-    samples: list[Sample] = []
-    report = Report()
-    for row in read_rows(path):
-        try:
-            problem = _need(row, "problem", str)
-            solution = _need(row, "solution", str)
-            key_steps = _check_key_steps(row, _need(row, "key_steps", dict))
-            rel = _need(row, "image_path", str, optional=True)
-            image, tokens, size = None, None, None
-            if rel is not None:
-                if not processing.multimodal:
-                    raise DataError(f"{row.where()}: field 'image_path': the model is text-only")
-                image, size = _image_size(row, "image_path", rel, root)
-                tokens = processing.image_token_count(*size)
-            length = len(processing.prompt_ids(problem, tokens))
-            if length > max_prompt_length:
-                raise DataError(f"{row.where()}: prompt is {length} tokens (image tokens included) > "
-                                f"max_prompt_length {max_prompt_length}; prompts are never cut")
-        except DataError as e:
-            if not skip_invalid:
-                raise
-            report.skip(e, "over-long prompts" if "max_prompt_length" in str(e) else "invalid rows")
-            continue
-        samples.append(Sample(problem, solution, key_steps, image, row.where(), length, size, tokens or 0))
-    report.kept = len(samples)
-    if not samples and not allow_empty:
-        raise DataError(f"{path}: no usable rows ({report.summary()})")
-    return samples, report
+
+    def parse(row: Row) -> Sample:
+        problem = _need(row, "problem", str)
+        solution = _need(row, "solution", str)
+        key_steps = _check_key_steps(row, _need(row, "key_steps", dict))
+        rel = _need(row, "image_path", str, optional=True)
+        image = size = tokens = None
+        if rel is not None:
+            image, size, tokens = _image(row, "image_path", rel, root, processing)
+        length = len(processing.prompt_ids(problem, tokens))
+        if length > max_prompt_length:
+            raise TooLongError(f"{row.where()}: prompt is {length} tokens (image tokens included) > "
+                               f"max_prompt_length {max_prompt_length}; prompts are never cut")
+        return Sample(problem, solution, key_steps, image, row.where(), length, size, tokens or 0)
+
+    return _load(path, parse, skip_invalid=skip_invalid, allow_empty=allow_empty, too_long="over-long prompts")
 
 
 def mulberry_turns(row: Row) -> tuple[str, str, str | None]:
@@ -227,31 +248,19 @@ def load_sft_dataset(
 ) -> tuple[list[SFTSample], Report]:
     """Mulberry rows: ``messages`` [user (``<image>`` + question), assistant (reasoning)] and ``images`` [path]."""
     root = Path(image_root) if image_root is not None else Path(path).parent
-    samples: list[SFTSample] = []
-    report = Report()
-    for row in read_rows(path):
-        try:
-            prompt, response, rel = mulberry_turns(row)
-            image, tokens, size = None, None, None
-            if rel is not None:
-                if not processing.multimodal:
-                    raise DataError(f"{row.where()}: field 'images': the model is text-only")
-                image, size = _image_size(row, "images[0]", rel, root)
-                tokens = processing.image_token_count(*size)
-            response_tokens = len(processing.encode_response(response))
-            length = len(processing.prompt_ids(prompt, tokens)) + response_tokens
-            if length > max_length:
-                raise DataError(f"{row.where()}: sequence is {length} tokens > max_length {max_length}")
-        except DataError as e:
-            if not skip_invalid:
-                raise
-            report.skip(e, "over-long rows" if "max_length" in str(e) else "invalid rows")
-            continue
-        samples.append(SFTSample(prompt, response, image, row.where(), length, size, tokens or 0, response_tokens))
-    report.kept = len(samples)
-    if not samples and not allow_empty:
-        raise DataError(f"{path}: no usable rows ({report.summary()})")
-    return samples, report
+
+    def parse(row: Row) -> SFTSample:
+        prompt, response, rel = mulberry_turns(row)
+        image = size = tokens = None
+        if rel is not None:
+            image, size, tokens = _image(row, "images[0]", rel, root, processing)
+        response_tokens = len(processing.encode_response(response))
+        length = len(processing.prompt_ids(prompt, tokens)) + response_tokens
+        if length > max_length:
+            raise TooLongError(f"{row.where()}: sequence is {length} tokens > max_length {max_length}")
+        return SFTSample(prompt, response, image, row.where(), length, size, tokens or 0, response_tokens)
+
+    return _load(path, parse, skip_invalid=skip_invalid, allow_empty=allow_empty, too_long="over-long rows")
 
 
 def encode_prompt(processing: Processing, problem: str, image: Path | None) -> PromptInputs:
@@ -345,23 +354,20 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--model_name_or_path", default=None,
                        help="Tokenizer (and image processor) to count tokens with (default: the demo's).")
     check.add_argument("--image_root", default=None, help="Directory image paths are relative to.")
-    check.add_argument("--min_pixels", type=int, default=3136, help="Smallest image area after resizing.")
-    check.add_argument("--max_pixels", type=int, default=400000, help="Largest image area after resizing.")
+    check.add_argument("--min_pixels", type=int, default=MIN_PIXELS, help="Smallest image area after resizing.")
+    check.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help="Largest image area after resizing.")
     check.add_argument("--max_length", type=int, default=512,
                        help="Prompt budget (RL rows) or sequence budget (SFT rows), in tokens.")
     check.add_argument("--json", action="store_true", help="Print the report as JSON.")
     args = parser.parse_args(argv)
     logging.getLogger("r1vl_fast").setLevel(logging.ERROR)  # the report lists every error itself
     if args.model_name_or_path is None:
-        from r1vl_fast.modeling import demo_processing
+        from r1vl_fast.demo.models import demo_processing
 
         processing = demo_processing(args.min_pixels, args.max_pixels)
     else:
-        from r1vl_fast.modeling import is_multimodal
-
         processing = Processing.from_pretrained(args.model_name_or_path, min_pixels=args.min_pixels,
-                                                max_pixels=args.max_pixels,
-                                                multimodal=is_multimodal(args.model_name_or_path))
+                                                max_pixels=args.max_pixels)
     report = check_dataset(args.file, processing, kind=args.kind, image_root=args.image_root,
                            max_length=args.max_length)
     if args.json:

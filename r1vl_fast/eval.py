@@ -2,7 +2,7 @@
 (greedy by default, as the released evaluation), reads the final answer, and judges it with math-verify (gold
 first), multiple-choice letters, yes/no, or normalised text. Writes ``predictions.jsonl`` and ``summary.json``.
 
-Also the trainer's held-out scoring with the training rewards (:func:`evaluate`, :func:`evaluate_checkpoint`).
+The trainer's held-out scoring with the training rewards is ``r1vl_fast.heldout``.
 
     python -m r1vl_fast.eval --model_name_or_path runs/r1vl-2b/checkpoint-13125 --dataset mathvista.jsonl \\
         --image_root images/ --output_dir runs/eval-mathvista
@@ -21,16 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1vl_fast.checkpoint import rng_state, set_rng_state
-from r1vl_fast.config import GRPOTrainConfig
-from r1vl_fast.data import DataError, Sample, encode_prompt, load_rl_dataset, read_rows
-from r1vl_fast.distributed import World, all_sum
-from r1vl_fast.modeling import is_multimodal, load_model
-from r1vl_fast.processing import Processing
-from r1vl_fast.rewards import MathVerifier, final_answer, match_key_steps, normalize, step_rvr
-from r1vl_fast.rewards.answers import default_verifier
-from r1vl_fast.rewards.scoring import StepRewards
-from r1vl_fast.rollout import HFRolloutEngine, RolloutEngine, SamplingConfig, draw_seeds, make_engine
+from r1vl_fast.data import DataError, image_path, read_rows
+from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS, Processing
+from r1vl_fast.rewards import MathVerifier, final_answer, match_key_steps, step_rvr
+from r1vl_fast.rewards.answers import default_verifier, same_answer
+from r1vl_fast.rollout import ENGINES, make_engine, sample_completions
 
 log = logging.getLogger("r1vl_fast")
 
@@ -65,7 +60,7 @@ def judge(preds: list[str | None], golds: list[str], verifier: MathVerifier | No
             out.append(_letter(pred) == letter)
         elif (yn := _yes_no(gold)) is not None and len(gold.split()) == 1:
             out.append(_yes_no(pred) == yn)
-        elif normalize(pred).rstrip(". ") == normalize(gold).rstrip(". "):
+        elif same_answer(pred, gold):
             out.append(True)
         else:
             out.append(None)
@@ -94,9 +89,7 @@ def load_benchmark(path: str | Path, processing: Processing, image_root: str | P
         gold = final_answer(gold) or gold.strip()
         image = None
         if d.get("image_path") is not None:
-            image = Path(d["image_path"]) if Path(d["image_path"]).is_absolute() else root / d["image_path"]
-            if not image.is_file():
-                raise DataError(f"{row.where()}: field 'image_path': image not found: {image}")
+            image = image_path(row, "image_path", d["image_path"], root)
             if not processing.multimodal:
                 raise DataError(f"{row.where()}: field 'image_path': the model is text-only")
         items.append({"where": row.where(), "problem": d["problem"], "gold": gold, "image": image,
@@ -106,11 +99,10 @@ def load_benchmark(path: str | Path, processing: Processing, image_root: str | P
 
 def evaluate_file(model_path: str, dataset: str | Path, output_dir: str | Path, *, image_root: str | None = None,
                   num_samples: int = 1, temperature: float | None = None, max_new_tokens: int = 1024,
-                  min_pixels: int = 3136, max_pixels: int = 400000, batch_size: int = 16,
+                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, batch_size: int = 16,
                   rollout_engine: str = "auto", seed: int = 0) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    processing = Processing.from_pretrained(model_path, min_pixels=min_pixels, max_pixels=max_pixels,
-                                            multimodal=is_multimodal(model_path))
+    processing = Processing.from_pretrained(model_path, min_pixels=min_pixels, max_pixels=max_pixels)
     items = load_benchmark(dataset, processing, image_root)
     temperature = temperature if temperature is not None else (None if num_samples == 1 else 1.0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -152,88 +144,6 @@ def evaluate_file(model_path: str, dataset: str | Path, output_dir: str | Path, 
     return summary
 
 
-def sample_completions(engine: RolloutEngine, processing: Processing, prompts: list[tuple[str, Path | None]], *,
-                       n: int, temperature: float | None, max_new_tokens: int, batch_size: int = 16,
-                       seed: int = 0, seeds: list[int] | None = None) -> tuple[list[str], list[int]]:
-    """Texts and token counts of ``n`` completions per (problem, image), prompt-major, in batches;
-    ``temperature=None`` decodes greedily. Prompt i samples with ``seeds[i]`` (default: drawn after seeding
-    torch's generator with ``seed``)."""
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, greedy=temperature is None,
-                              temperature=temperature or 1.0)
-    if seeds is None:
-        torch.manual_seed(seed)
-        seeds = draw_seeds(len(prompts))
-    texts: list[str] = []
-    lengths: list[int] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = [encode_prompt(processing, problem, image) for problem, image in prompts[start: start + batch_size]]
-        out = engine.generate(batch, n=n, sampling=sampling, seeds=seeds[start: start + batch_size])
-        texts += out.texts
-        lengths += out.completion_mask.sum(dim=1).tolist()
-    return texts, lengths
-
-
-def evaluate(model: Any, processing: Processing, samples: list[Sample], *, preset: str = "paper", alpha: float = 0.1,
-             max_new_tokens: int = 256, batch_size: int = 16, temperature: float | None = None, n: int = 1,
-             seed: int = 0, device: torch.device | None = None, world: World | None = None,
-             synced: bool = False) -> dict[str, float]:
-    """Held-out scoring with the training rewards: mean reward, answer accuracy, validity (StepRVR) and key-step
-    recall over ``n`` completions per sample (sampled: the quantity RL maximises; or greedy).
-
-    Leaves every random generator as it found it, so a run that evaluates mid-training trains exactly like one
-    that does not. Under torchrun each rank scores its share and the sums are reduced (``synced``: FSDP ranks
-    generate in step, so every rank runs the same number of batches)."""
-    device = device or next(model.parameters()).device
-    world = world or World()
-    state = rng_state()
-    try:
-        torch.manual_seed(seed)
-        seeds = draw_seeds(len(samples))  # one per held-out prompt, whichever rank scores it
-        share, share_seeds = samples[world.rank :: world.size], seeds[world.rank :: world.size]
-        padded = -(-len(samples) // world.size)  # every rank the same batches: pad with copies that carry no weight
-        weights = [1.0] * len(share) + [0.0] * (padded - len(share))
-        share, share_seeds = share + [samples[0]] * (padded - len(share)), share_seeds + [0] * (padded - len(share))
-        texts, _ = sample_completions(HFRolloutEngine(model, processing, device, synced=synced), processing,
-                                      [(s.problem, s.image) for s in share], n=n, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size, seeds=share_seeds)
-    finally:
-        set_rng_state(state)
-    rewards = StepRewards([s.solution for s in share], [s.key_steps for s in share], preset=preset,  # type: ignore[arg-type]
-                          alpha=alpha)
-    scores = rewards(texts, [i for i in range(len(share)) for _ in range(n)])
-    weight = np.repeat(np.asarray(weights), n)
-    count = all_sum(float(weight.sum()), world)
-    parts = {"reward": scores.total, "accuracy": scores.correct, "validity": scores.step_rvr,
-             "key_step_recall": scores.key_steps}
-    return {k: all_sum(float((np.asarray(v, dtype=np.float64) * weight).sum()), world) / count
-            for k, v in parts.items()}
-
-
-def load_held_out(dataset: str | Path, processing: Processing, config: GRPOTrainConfig) -> list[Sample]:
-    """Held-out R1-VL rows, validated like the run's training rows."""
-    samples, _ = load_rl_dataset(dataset, processing, image_root=config.image_root,
-                                 max_prompt_length=config.max_prompt_length, skip_invalid=config.skip_invalid)
-    return samples
-
-
-def evaluate_run(model: Any, processing: Processing, samples: list[Sample], config: GRPOTrainConfig,
-                 device: torch.device, *, world: World | None = None, synced: bool = False) -> dict[str, float]:
-    """:func:`evaluate` with the run's rewards and sampling (G samples per prompt at ``--temperature``)."""
-    return evaluate(model, processing, samples, preset=config.reward_preset, alpha=config.step_rar_alpha,
-                    max_new_tokens=config.max_completion_length, temperature=config.temperature,
-                    n=config.num_generations, seed=config.seed, device=device, world=world, synced=synced)
-
-
-def evaluate_checkpoint(path: str | Path, dataset: str | Path, config: GRPOTrainConfig,
-                        device: torch.device) -> dict[str, float]:
-    """:func:`evaluate_run` on a saved model."""
-    processing = Processing.from_pretrained(str(path), min_pixels=config.min_pixels, max_pixels=config.max_pixels,
-                                            multimodal=is_multimodal(str(path)))
-    samples = load_held_out(dataset, processing, config)
-    model = load_model(str(path), device=device, dtype=torch.float32, trainable=False)
-    return evaluate_run(model, processing, samples, config, device)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r1vl_fast.eval", description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -246,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=None,
                         help="Sampling temperature (default: greedy for one sample, 1.0 for several).")
     parser.add_argument("--max_new_tokens", type=int, default=1024, help="Most tokens per completion.")
-    parser.add_argument("--min_pixels", type=int, default=3136, help="Smallest image area after resizing.")
-    parser.add_argument("--max_pixels", type=int, default=400000, help="Largest image area after resizing.")
+    parser.add_argument("--min_pixels", type=int, default=MIN_PIXELS, help="Smallest image area after resizing.")
+    parser.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help="Largest image area after resizing.")
     parser.add_argument("--batch_size", type=int, default=16, help="Prompts per generation call.")
-    parser.add_argument("--rollout_engine", choices=("auto", "hf", "vllm"), default="auto",
+    parser.add_argument("--rollout_engine", choices=ENGINES, default="auto",
                         help="vllm when importable on a GPU (auto), else transformers generate.")
     parser.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     args = parser.parse_args(argv)

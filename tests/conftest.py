@@ -23,9 +23,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Demo data (24 RL rows, 64 SFT rows) and a tiny Qwen2-VL: random weights (``init``), then briefly
     warmed up with SFT (``model``) so that its completions earn varied rewards."""
     from r1vl_fast.config import PRESETS, SFTConfig
+    from r1vl_fast.demo.models import build_demo_model, demo_processing
     from r1vl_fast.demo.shapes import write_demo_data
-    from r1vl_fast.modeling import build_demo_model, demo_processing
-    from r1vl_fast.sft import run_sft
+    from r1vl_fast.recipes import run_sft
 
     root = tmp_path_factory.mktemp("tiny")
     paths = write_demo_data(root / "data", train=24, sft=64, eval=8, seed=3)

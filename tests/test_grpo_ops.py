@@ -11,7 +11,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run the kernels on CPU tensors through TRITON_INTERPRET=1", allow_module_level=True)
 
-from r1vl_fast.ops import group_advantages, grpo_loss, selective_log_probs
+from r1vl_fast.ops import GRPOConfig, group_advantages, grpo_loss, selective_log_probs
 from r1vl_fast.ops import reference as ref
 
 
@@ -153,16 +153,21 @@ def _compare(kwargs: dict, *, seed: int = 10, extreme: bool = False, dtype=torch
     extra64 = dict(old_logp=old_logp if old else None, ref_logp=ref_logp if refp else None,
                    is_weights=is_w if isw else None)
     extra32 = {k: (None if v is None else v.float()) for k, v in extra64.items()}
+    kwargs = dict(kwargs)
+    call = {"num_items": kwargs.pop("num_items")} if "num_items" in kwargs else {}
     if rewards:
         r = torch.tensor([1.0, 0.0, 1.1, 0.1, 0.5, 0.5, 0.5, 0.5])[:B]
-        a32, a64 = dict(rewards=r, group_size=2), dict(rewards=r.double(), group_size=2)
+        a32, a64 = dict(rewards=r), dict(rewards=r.double())
+        kwargs["group_size"] = 2
     else:
         a32, a64 = dict(advantages=adv.float()), dict(advantages=adv)
+    cfg = GRPOConfig(**kwargs)
     x = logits.clone().requires_grad_()
-    loss, metrics = grpo_loss(x, ids, mask, **a32, **extra32, **kwargs, return_entropy=True, impl="triton")
+    loss, metrics = grpo_loss(x, ids, mask, config=cfg, **a32, **extra32, **call, return_entropy=True, impl="triton")
     loss.backward()
     x64 = logits.double().requires_grad_()
-    loss64, metrics64 = grpo_loss(x64, ids, mask, **a64, **extra64, **kwargs, return_entropy=True, impl="torch")
+    loss64, metrics64 = grpo_loss(x64, ids, mask, config=cfg, **a64, **extra64, **call, return_entropy=True,
+                                  impl="torch")
     loss64.backward()
     assert abs(loss.item() - loss64.item()) <= rel * max(1e-6, abs(loss64.item())), (loss.item(), loss64.item())
     grad_rel = rel if dtype == torch.float32 else 1e-2  # bf16 gradients are rounded to bf16
@@ -219,7 +224,7 @@ def test_bf16_inputs():
 
 @pytest.mark.parametrize("scale", ["group", "none", "batch"])
 def test_advantages_from_rewards_inside_the_kernel(scale):
-    _compare(dict(beta=0.04, adv_scale=scale), rewards=True, seed=60)
+    _compare(dict(beta=0.04, scale_rewards=scale), rewards=True, seed=60)
 
 
 def test_gradient_scaling_and_single_backward():
@@ -280,8 +285,8 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="exactly one of"):
         grpo_loss(logits, ids, mask)
     with pytest.raises(ValueError, match="kl must be one of"):
-        grpo_loss(logits, ids, mask, adv.float(), kl="k4")
+        grpo_loss(logits, ids, mask, adv.float(), GRPOConfig(kl="k4"))
     with pytest.raises(ValueError, match="only 0 and 1"):
         grpo_loss(logits, ids, mask.long() * 2, adv.float())
     with pytest.raises(ValueError, match="delta must exceed"):
-        grpo_loss(logits, ids, mask, adv.float(), delta=1.1)
+        grpo_loss(logits, ids, mask, adv.float(), GRPOConfig(delta=1.1))

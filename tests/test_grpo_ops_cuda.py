@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs a CUDA GPU and TRITON_INTERPRET=0", allow_module_level=True)
 
-from r1vl_fast.ops import grpo_loss, selective_log_probs  # noqa: E402
+from r1vl_fast.ops import GRPOConfig, grpo_loss, selective_log_probs  # noqa: E402
 from r1vl_fast.ops import reference as ref  # noqa: E402
 
 V = 151_936
@@ -31,12 +31,11 @@ def test_fused_loss_matches_fp64_on_gpu(dtype, loss_type):
     ref_logp = ref.selective_log_probs(logits.double(), ids) + 0.1
     old = ref_logp - 0.2
     x = logits.clone().requires_grad_()
-    loss, _ = grpo_loss(x, ids, mask, adv, old_logp=old.float(), ref_logp=ref_logp.float(), loss_type=loss_type,
-                        impl="triton")
+    config = GRPOConfig(loss_type=loss_type)
+    loss, _ = grpo_loss(x, ids, mask, adv, config, old_logp=old.float(), ref_logp=ref_logp.float(), impl="triton")
     loss.backward()
     x64 = logits.double().requires_grad_()
-    loss64, _ = grpo_loss(x64, ids, mask, adv.double(), old_logp=old, ref_logp=ref_logp, loss_type=loss_type,
-                          impl="torch")
+    loss64, _ = grpo_loss(x64, ids, mask, adv.double(), config, old_logp=old, ref_logp=ref_logp, impl="torch")
     loss64.backward()
     assert abs(loss.item() - loss64.item()) <= 1e-5 * max(1e-3, abs(loss64.item()))
     tol = 1e-5 if dtype == torch.float32 else 1e-2

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r1vl_fast.data import DataError, load_rl_dataset
+from r1vl_fast.demo.models import demo_processing
 from r1vl_fast.keysteps import (
     EndpointError,
     LLMExtractor,
@@ -35,9 +36,8 @@ from r1vl_fast.keysteps import (
 )
 from r1vl_fast.keysteps.__main__ import main
 from r1vl_fast.keysteps.llm import AnswerError
-from r1vl_fast.modeling import demo_processing
 from r1vl_fast.rewards import match_key_steps
-from r1vl_fast.rewards.scoring import StepRewards
+from r1vl_fast.rewards.step_rewards import StepRewards
 
 
 def cot(*steps: str, answer: str = "6") -> str:
@@ -392,7 +392,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.importorskip("vllm")
-    from r1vl_fast.modeling import save_tiny_lm
+    from r1vl_fast.demo.models import save_tiny_lm
 
     root = tmp_path_factory.mktemp("served")
     model = save_tiny_lm(root / "tiny", hidden_size=128, heads=2)

@@ -19,15 +19,15 @@ import torch
 from r1vl_fast.checkpoint import latest_checkpoint, save_checkpoint
 from r1vl_fast.config import GRPOTrainConfig, SFTConfig, build_parser, parse_config
 from r1vl_fast.data import DataError, load_rl_dataset, load_sft_dataset, read_rows
-from r1vl_fast.eval import evaluate_checkpoint
+from r1vl_fast.grpo_trainer import StepGRPOTrainer
+from r1vl_fast.heldout import evaluate_checkpoint
 from r1vl_fast.modeling import load_model
 from r1vl_fast.processing import Processing
+from r1vl_fast.recipes import run_grpo
 from r1vl_fast.rewards import step_rar, step_rvr
-from r1vl_fast.rewards.scoring import StepRewards
+from r1vl_fast.rewards.step_rewards import StepRewards
 from r1vl_fast.rollout import HFRolloutEngine
 from r1vl_fast.train import main as train_main
-from r1vl_fast.train import run_grpo
-from r1vl_fast.trainer import StepGRPOTrainer
 
 TIME_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/update")
 REQUIRED = ("step", "loss", "reward", "reward_std", "rewards/step_rar", "rewards/step_rvr", "rewards/accuracy",
@@ -199,7 +199,7 @@ def test_checkpoint_reloads_with_transformers(tiny: dict[str, Path], tmp_path: P
 
 
 def test_text_only_causal_lm_trains_on_a_text_dataset(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from r1vl_fast.modeling import save_tiny_lm
+    from r1vl_fast.demo.models import save_tiny_lm
 
     save_tiny_lm(tmp_path / "lm")  # the demo tokenizer, as the tiny Qwen2-VL uses
     rows = [r.data for r in read_rows(tiny["rl"])]
@@ -258,6 +258,8 @@ def test_rewards_stay_aligned_when_a_micro_batch_holds_more_than_g_completions(t
     for j, i in enumerate(batch.sample_ids):
         alone = step_rar([batch.texts[j]], [samples[i].solution], [samples[i].key_steps]) + step_rvr([batch.texts[j]])
         assert batch.rewards.total[j] == pytest.approx(float(alone[0]))
+    trainer.update([batch])  # the loss normalises the rewards within each group, in the same pass
+    assert batch.advantages is not None
     adv = batch.advantages.view(3, 2)
     assert torch.allclose(adv.sum(1), torch.zeros(3), atol=1e-5)
 

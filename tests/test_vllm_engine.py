@@ -23,15 +23,14 @@ pytest.importorskip("vllm", reason="vLLM is not installed (pip install '.[vllm-c
 
 from r1vl_fast.ops import importance_weights  # noqa: E402
 from r1vl_fast.processing import Processing, PromptInputs  # noqa: E402
-from r1vl_fast.rollout import SamplingConfig  # noqa: E402
-from r1vl_fast.rollout_vllm import VLLMRolloutEngine  # noqa: E402
+from r1vl_fast.rollout import SamplingConfig, VLLMRolloutEngine  # noqa: E402
 
 MEMORY = 0.2  # of the node's memory, for the KV cache: the default 0.9 fails on CPU
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from r1vl_fast.modeling import save_tiny_lm
+    from r1vl_fast.demo.models import save_tiny_lm
 
     return save_tiny_lm(tmp_path_factory.mktemp("lm"), max_position_embeddings=512)
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 from r1vl_fast.checkpoint import latest_checkpoint
 from r1vl_fast.config import PRESETS, GRPOTrainConfig, SFTConfig
+from r1vl_fast.demo.models import build_demo_model, demo_processing
 from r1vl_fast.demo.shapes import write_demo_data
-from r1vl_fast.modeling import build_demo_model, demo_processing
-from r1vl_fast.recipe import output_dir_for
-from r1vl_fast.sft import run_sft
+from r1vl_fast.recipes import run_grpo, run_sft
 from r1vl_fast.tracking import read_metrics
 
 log = logging.getLogger("r1vl_fast")
@@ -22,9 +22,8 @@ DEMO_ROWS = {"train": 512, "sft": 512, "eval": 64}
 
 
 def run_demo(config: GRPOTrainConfig) -> dict[str, dict[str, float]]:
-    from r1vl_fast.train import run_grpo
-
-    output_dir = output_dir_for(config, "demo")
+    assert config.output_dir is not None  # resolved: runs/demo-<time> by default
+    output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("demo: writing everything to %s", output_dir)
     data = output_dir / "data"

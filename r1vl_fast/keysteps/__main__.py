@@ -10,6 +10,7 @@ import sys
 
 from r1vl_fast.data import DataError
 from r1vl_fast.keysteps import EndpointError, LLMExtractor, convert, summary
+from r1vl_fast.rewards.step_rar import PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rules: offline and deterministic; llm: an OpenAI-compatible chat endpoint.")
     parser.add_argument("--image_root", default=None, help="Folder the input's image paths are relative to "
                         "(default: the input's folder). Output paths are relative to the output's folder.")
-    parser.add_argument("--reward_preset", choices=("paper", "r1vl"), default="paper",
+    parser.add_argument("--reward_preset", choices=PRESETS, default="paper",
                         help="The matcher the self-check uses: the trainer's for this --reward_preset.")
     parser.add_argument("--max_key_steps", type=int, default=8, help="Most key-step groups per row.")
     parser.add_argument("--max_forms", type=int, default=10, help="Most alternatives per group.")

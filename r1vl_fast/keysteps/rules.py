@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from r1vl_fast.rewards import normalize
-
-STEP_SECTION = re.compile(r"### Step \d+:\s*(.*?)(?=\n###|\Z)", re.DOTALL)
+from r1vl_fast.rewards.format import STEP_SECTION
 
 # Tokens of step text. A number keeps thousands separators and decimals; ``\(``, ``$`` and other delimiters are
 # "other", so they end a formula rather than being copied into it.

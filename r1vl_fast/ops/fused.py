@@ -1,33 +1,22 @@
 """The policy-update ops: selective log-probs, group advantages and the fused GRPO loss.
 
 Each op checks its inputs (errors name the argument), then runs the Triton kernels of ``r1vl_fast.kernels``
-(``impl="triton"``) or the plain-PyTorch twin of ``r1vl_fast.ops.reference`` (``impl="torch"``). ``"auto"`` takes
-Triton on CUDA tensors and under ``TRITON_INTERPRET=1`` (CPU tests), PyTorch otherwise.
+(``impl="triton"``) or the plain-PyTorch twin of ``r1vl_fast.ops.reference`` (``impl="torch"``); ``"auto"`` is
+resolved by :func:`r1vl_fast.ops.config.resolve_impl` (Triton on CUDA tensors, PyTorch otherwise).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from r1vl_fast.ops import reference
-from r1vl_fast.ops.config import KL_ESTIMATORS, GRPOConfig, token_weights
-
-_SCALES = ("group", "batch", "none")
+from r1vl_fast.ops.config import ADV_SCALES, KL_ESTIMATORS, GRPOConfig, resolve_impl, token_weights
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _resolve_impl(impl: str, logits: torch.Tensor) -> str:
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "triton" if logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
 
 
 def _block_v(vocab: int, device: torch.device) -> tuple[int, int]:
@@ -80,7 +69,7 @@ class _SelectiveLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None) -> Any:
-        from r1vl_fast.kernels.grpo_loss import selective_log_probs_bwd_kernel
+        from r1vl_fast.kernels.grpo_loss import selective_log_probs_bwd_kernel  # triton only when the kernels run
 
         logits, ids, lse, ent = ctx.saved_tensors
         batch, length, vocab = logits.shape
@@ -132,7 +121,7 @@ def selective_log_probs(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     _check_ids(ids, vocab)
-    if _resolve_impl(impl, logits) == "torch":
+    if resolve_impl(impl, logits.device.type) == "torch":
         return reference.selective_log_probs(logits, ids, temperature=temperature, return_entropy=return_entropy)
     ids = ids.contiguous()
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -170,8 +159,8 @@ def _check_group(rewards: torch.Tensor, group_size: int, unbiased: bool, scale: 
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if rewards.numel() % group_size:
         raise ValueError(f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}")
-    if scale not in _SCALES:
-        raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+    if scale not in ADV_SCALES:
+        raise ValueError(f"scale must be one of {ADV_SCALES}, got {scale!r}")
     if unbiased and scale == "group" and group_size < 2:
         raise ValueError("an unbiased group std needs group_size >= 2")
     if not bool(torch.isfinite(rewards).all()):
@@ -206,6 +195,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         return grad, None
 
 
+
 def _grpo_forward(
     logits: torch.Tensor,
     *,
@@ -213,10 +203,7 @@ def _grpo_forward(
     weights: torch.Tensor,
     advantages: torch.Tensor | None,
     rewards: torch.Tensor | None,
-    group_size: int,
-    adv_eps: float,
-    adv_scale: str,
-    adv_unbiased: bool,
+    batch_std: torch.Tensor | None,
     old_logp: torch.Tensor | None,
     ref_logp: torch.Tensor | None,
     is_weights: torch.Tensor | None,
@@ -247,11 +234,13 @@ def _grpo_forward(
         grad = torch.empty((batch, length, vocab), dtype=logits.dtype, device=device)
         grad_strides = (length * vocab, vocab)
     dummy = loss_rows
+    group_size = config.group_size or 1
     if batch * length:
         block, warps = _block_v(vocab, device)
         grpo_loss_fwd_kernel[(batch * length,)](
             logits, logits.stride(0), logits.stride(1), length, vocab, ids, weights,
-            adv, rewards if from_rewards else dummy, group_size, adv_eps,
+            adv, rewards if from_rewards else dummy, group_size, config.adv_eps,
+            batch_std if batch_std is not None else dummy,
             old_logp if old_logp is not None else dummy,
             ref_logp if ref_logp is not None else dummy,
             is_weights if is_weights is not None else dummy,
@@ -259,7 +248,8 @@ def _grpo_forward(
             config.delta if config.delta is not None else 0.0,
             loss_rows, logp, kl, flags, ent, grad, *grad_strides,
             BLOCK_V=block, BLOCK_G=_next_pow2(group_size),
-            FROM_REWARDS=from_rewards, SCALE_BY_STD=adv_scale == "group", UNBIASED=int(adv_unbiased),
+            FROM_REWARDS=from_rewards, SCALE=("none", "group", "batch").index(config.scale_rewards),
+            UNBIASED=int(config.adv_unbiased),
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None,
             HAS_DELTA=config.delta is not None, KL=KL_ESTIMATORS.index(config.kl) + 1, ENTROPY=entropy,
             WRITE_GRAD=write_grad, ALWAYS_READ=old_logp is not None or ref_logp is not None or entropy,
@@ -277,46 +267,34 @@ def grpo_loss(
     ids: torch.Tensor,
     mask: torch.Tensor,
     advantages: torch.Tensor | None = None,
+    config: GRPOConfig | None = None,
     *,
     rewards: torch.Tensor | None = None,
-    group_size: int | None = None,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    beta: float = 0.04,
-    kl: str = "k3",
-    eps_low: float = 0.2,
-    eps_high: float | None = None,
-    delta: float | None = None,
-    loss_type: str = "grpo",
-    temperature: float = 1.0,
     is_weights: torch.Tensor | None = None,
-    max_completion_length: int | None = None,
     num_items: float | None = None,
-    adv_eps: float = 1e-4,
-    adv_unbiased: bool = True,
-    adv_scale: str = "group",
     return_entropy: bool = False,
     grad_inplace: bool = False,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """StepGRPO's policy loss over completion tokens, and its metrics.
 
-    logits [B, T, V] (bf16/fp16/fp32, last dim contiguous) score ``ids`` [B, T] where ``mask`` [B, T] is set;
-    ``advantages`` [B], or ``rewards`` [B] with ``group_size`` to normalise them within each group in the same
-    pass (``adv_scale``, ``adv_eps``, ``adv_unbiased`` as :func:`group_advantages`). ``old_logp=None`` is
-    on-policy (ratio = exp(logp − sg(logp)), R1-VL); ``ref_logp`` enables the KL term (β·``kl``, k3 = R1-VL).
-    ``is_weights`` [B, T] multiplies the policy term (sampler mismatch correction). ``grad_inplace`` writes the
-    logits gradient over the logits buffer (saves one logits-sized buffer; autograd's version counter then
-    rejects any other use of those logits in backward).
+    logits [B, T, V] (bf16/fp16/fp32, last dim contiguous) score ``ids`` [B, T] where ``mask`` [B, T] is set. The
+    settings (β, KL estimator, clip range, loss type, temperature, advantage normalisation) are one
+    :class:`GRPOConfig`, built once per run. Give ``advantages`` [B], or ``rewards`` [B] to normalise them within
+    each group of ``config.group_size`` in the same pass (``config.scale_rewards``). ``old_logp=None`` is on-policy
+    (ratio = exp(logp − sg(logp)), R1-VL); ``ref_logp`` enables the KL term (β·KL). ``is_weights`` [B, T]
+    multiplies the policy term (sampler mismatch correction); ``num_items`` is dapo's global token count.
+    ``grad_inplace`` writes the logits gradient over the logits buffer (saves one logits-sized buffer; autograd's
+    version counter then rejects any other use of those logits in backward).
 
     Returns (loss, metrics): metrics holds masked means ``kl``, ``clip_low``, ``clip_high``, ``clip_region``,
     ``entropy`` (when ``return_entropy``), the per-token ``logp`` and the ``advantages`` used.
     """
-    config = GRPOConfig(
-        beta=float(beta), kl=kl, eps_low=float(eps_low), eps_high=float(eps_low if eps_high is None else eps_high),
-        delta=None if delta is None else float(delta), loss_type=loss_type, temperature=float(temperature),
-        max_completion_length=max_completion_length,
-    )
+    config = GRPOConfig() if config is None else config
+    if not isinstance(config, GRPOConfig):
+        raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
     _check_logits(logits)
     batch, length, vocab = logits.shape
     device = logits.device
@@ -325,23 +303,24 @@ def grpo_loss(
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("is_weights", is_weights)):
         _check_bt(name, x, batch, length, device)
     if (advantages is None) == (rewards is None):
-        raise ValueError("pass exactly one of advantages= [B] or rewards= [B] (with group_size=)")
+        raise ValueError("pass exactly one of advantages= [B] or rewards= [B] (with config.group_size)")
     if advantages is not None and (not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (batch,)):
         raise ValueError(f"advantages must have shape [B] = [{batch}], got {getattr(advantages, 'shape', None)}")
     if rewards is not None:
-        if group_size is None:
-            raise ValueError("rewards= needs group_size= (the number of completions per prompt)")
+        if config.group_size is None:
+            raise ValueError("rewards= needs config.group_size (the number of completions per prompt)")
         if tuple(rewards.shape) != (batch,):
             raise ValueError(f"rewards must have shape [B] = [{batch}], got {tuple(rewards.shape)}")
-        _check_group(rewards, group_size, adv_unbiased, adv_scale)
+        _check_group(rewards, config.group_size, config.adv_unbiased, config.scale_rewards)
     if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError("mask must be bool or hold only 0 and 1")
     _check_ids(ids, vocab, where=mask.bool())
 
     weights = token_weights(mask, config, num_items)
-    if _resolve_impl(impl, logits) == "torch":
+    if resolve_impl(impl, device.type) == "torch":
         if rewards is not None:
-            advantages = _advantages(rewards, group_size or 1, adv_eps, adv_unbiased, adv_scale)
+            advantages = _advantages(rewards, config.group_size or 1, config.adv_eps, config.adv_unbiased,
+                                     config.scale_rewards)
         assert advantages is not None
         loss, metrics = reference.grpo_loss(logits, ids, mask, advantages, config, old_logp=old_logp,
                                             ref_logp=ref_logp, is_weights=is_weights, num_items=num_items)
@@ -350,17 +329,16 @@ def grpo_loss(
         metrics["advantages"] = advantages.detach()
         return loss, metrics
 
-    if rewards is not None and adv_scale == "batch":  # needs the whole batch's std: computed first
-        advantages, rewards = _advantages(rewards, group_size or 1, adv_eps, adv_unbiased, "batch"), None
-
     def f32(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.to(torch.float32).contiguous()
 
+    batch_std = None
+    if rewards is not None and config.scale_rewards == "batch":  # the whole batch's std: one small op first
+        batch_std = f32(rewards.std(unbiased=config.adv_unbiased).reshape(1))
     launch: dict[str, Any] = dict(
         ids=ids.contiguous(), weights=weights.float().contiguous(), advantages=f32(advantages), rewards=f32(rewards),
-        group_size=int(group_size or 1), adv_eps=float(adv_eps), adv_scale=adv_scale, adv_unbiased=adv_unbiased,
-        old_logp=f32(old_logp), ref_logp=f32(ref_logp), is_weights=f32(is_weights), config=config,
-        entropy=return_entropy, grad_inplace=grad_inplace,
+        batch_std=batch_std, old_logp=f32(old_logp), ref_logp=f32(ref_logp), is_weights=f32(is_weights),
+        config=config, entropy=return_entropy, grad_inplace=grad_inplace,
     )
     if torch.is_grad_enabled() and logits.requires_grad:
         loss, logp, kl_tok, flags, ent, adv = _FusedGRPOLoss.apply(logits, {**launch, "write_grad": True})

@@ -1,7 +1,8 @@
 """Rule-based step-wise rewards of StepGRPO: StepRAR (accuracy) and StepRVR (validity), and the batched
 key-step matcher they use."""
 
-from r1vl_fast.rewards.answers import MathVerifier, final_answer
+from r1vl_fast.rewards.answers import MathVerifier, same_answer
+from r1vl_fast.rewards.format import final_answer
 from r1vl_fast.rewards.key_steps import (
     CompiledKeySteps,
     compile_key_steps,
@@ -23,6 +24,7 @@ __all__ = [
     "match_key_step_groups",
     "match_key_steps",
     "normalize",
+    "same_answer",
     "score_step_rar",
     "step_rar",
     "step_rvr",

@@ -1,4 +1,4 @@
-"""Final answers: extraction from a Mulberry-format completion, and correctness with math-verify.
+"""Final answers: correctness as text, and with math-verify.
 
 math-verify runs in worker processes (:class:`MathVerifier`): its own timeouts rely on ``signal`` and so only
 work on a main thread, and a pathological expression can hang sympy regardless. A call that outlives
@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import re
 import selectors
 import struct
 import subprocess
@@ -22,15 +21,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from r1vl_fast.rewards._verify_worker import read_message, write_message
-
-ANSWER_MARKER = "### The final answer is:"
-_ANSWER_LINE = re.compile(r"### The final answer is:\s*\n?(.*)")
+from r1vl_fast.rewards.key_steps import normalize
 
 
-def final_answer(text: str) -> str | None:
-    """Text after the first final-answer marker, up to the end of that line, stripped; None without a marker."""
-    match = _ANSWER_LINE.search(text)
-    return match.group(1).strip() if match else None
+def same_answer(pred: str, gold: str) -> bool:
+    """The same final answer as text: equal after normalisation, ignoring a trailing full stop."""
+    return normalize(pred).rstrip(". ") == normalize(gold).rstrip(". ")
 
 
 class _Worker:

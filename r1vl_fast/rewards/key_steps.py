@@ -8,11 +8,19 @@ for the G completions of every epoch. ``reference.py`` holds the pure-Python twi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from r1vl_fast import _keystep  # type: ignore[attr-defined]  # the compiled module
+try:
+    from r1vl_fast import _keystep  # type: ignore[attr-defined]  # the compiled module
+except ImportError as e:  # a source checkout that was installed with `pip install .` shadows the installed copy
+    raise ImportError(
+        f"r1vl_fast's compiled key-step matcher (_keystep) is not in {Path(__file__).parents[1]}. From a source "
+        f"checkout, install it in place with `pip install -e .`; after `pip install .`, run from outside the "
+        f"checkout (its r1vl_fast/ folder shadows the installed package)."
+    ) from e
 
 MatchMode = Literal["r1vl", "normalized", "fuzzy"]
 Scope = Literal["steps", "all"]

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-STEP_SECTION = re.compile(r"### Step \d+:\s*(.*?)(?=\n###|\Z)", re.DOTALL)
+from r1vl_fast.rewards.format import STEP_SECTION
 
 OPERATORS = frozenset("+-*/=^<>()[]{},;:|")
 _UNIFY = {

@@ -14,14 +14,14 @@ from typing import Literal
 
 import numpy as np
 
-from r1vl_fast.rewards.answers import MathVerifier, default_verifier, final_answer
+from r1vl_fast.rewards.answers import MathVerifier, default_verifier, same_answer
+from r1vl_fast.rewards.format import check_texts, final_answer
 from r1vl_fast.rewards.key_steps import (
     CompiledKeySteps,
     KeyStepsItem,
     MatchMode,
     Scope,
     match_key_step_counts,
-    normalize,
 )
 
 Preset = Literal["paper", "r1vl"]
@@ -36,28 +36,12 @@ class StepRARScores:
     key_steps: np.ndarray  # float64 (B,): k, the fraction of key-step groups matched
 
 
-def _check_texts(name: str, values: Sequence[str], n: int | None = None) -> list[str]:
-    if isinstance(values, str):
-        raise TypeError(f"{name} must be a sequence of str, got a single str")
-    values = list(values)
-    for i, v in enumerate(values):
-        if not isinstance(v, str):
-            raise TypeError(f"{name}[{i}] must be str, got {type(v).__name__}")
-    if n is not None and len(values) != n:
-        raise ValueError(f"{name} has {len(values)} items but completions has {n}")
-    return values
-
-
 def preset_matching(preset: str) -> tuple[MatchMode, int]:
     """The key-step matcher of a reward preset, as (mode, min_alt_len): ``r1vl`` the released lower-cased substring
     search, empty alternatives included; ``paper`` the normalised soft matching, empty alternatives ignored."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     return ("r1vl", 0) if preset == "r1vl" else ("normalized", 1)
-
-
-def _same_answer(pred: str, gold: str) -> bool:
-    return normalize(pred).rstrip(". ") == normalize(gold).rstrip(". ")
 
 
 def score_step_rar(
@@ -77,9 +61,9 @@ def score_step_rar(
     """StepRAR with its parts. ``match_mode`` defaults to ``normalized`` (paper) or ``r1vl``; ``min_alt_len`` to
     1 (paper) or 0 (r1vl). ``key_steps=None`` drops the key-step term (k = 0)."""
     preset_mode, preset_min_len = preset_matching(preset)
-    completions = _check_texts("completions", completions)
+    completions = check_texts("completions", completions)
     n = len(completions)
-    solutions = _check_texts("solutions", solutions, n)
+    solutions = check_texts("solutions", solutions, n)
     verifier = verifier or default_verifier()
 
     k = np.zeros(n, dtype=np.float64)
@@ -117,7 +101,7 @@ def score_step_rar(
         verdicts = verifier.check([(golds[i], preds[i]) for i in answered])  # type: ignore[misc]
         correct = np.zeros(n, dtype=bool)
         for i, ok in zip(answered, verdicts):
-            correct[i] = ok or _same_answer(preds[i], golds[i])  # type: ignore[arg-type]
+            correct[i] = ok or same_answer(preds[i], golds[i])  # type: ignore[arg-type]
         reward = np.where(has_answer, correct.astype(np.float64) + alpha * k, 0.0)
     return StepRARScores(reward=reward.astype(np.float32), correct=correct, has_answer=has_answer, key_steps=k)
 

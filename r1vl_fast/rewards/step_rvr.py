@@ -13,12 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from r1vl_fast.rewards.answers import ANSWER_MARKER, final_answer
-from r1vl_fast.rewards.step_rar import PRESETS, Preset, _check_texts
+from r1vl_fast.rewards.format import ANSWER_MARKER, DESCRIPTION, RATIONALES, check_texts, final_answer
+from r1vl_fast.rewards.step_rar import PRESETS, Preset
 
-DESCRIPTION = "### Image Description:"
-RATIONALES = "### Rationales:"
-THINK = "### Let's think step by step."
 _R1VL_REQUIRED = (DESCRIPTION, RATIONALES, "### Step 1:", ANSWER_MARKER)
 _R1VL_STEP = re.compile(r"### Step (\d+):")
 _HEADER = re.compile(
@@ -71,6 +68,6 @@ def step_rvr(completions: Sequence[str], *, preset: Preset = "paper") -> np.ndar
     """StepRVR reward per completion, float32 (B,): 1.0 if valid, else 0.0."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    completions = _check_texts("completions", completions)
+    completions = check_texts("completions", completions)
     valid = r1vl_valid if preset == "r1vl" else paper_valid
     return np.array([1.0 if valid(c) else 0.0 for c in completions], dtype=np.float32)

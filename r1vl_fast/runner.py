@@ -1,5 +1,5 @@
-"""What every recipe (train, sft) does around its trainer's ``step()``: pick the device and output directory, seed,
-resume, log each step, save every ``save_steps`` and at the end, and stop cleanly on SIGINT / SIGTERM."""
+"""The run around a trainer's ``step()``, the same for StepGRPO and SFT: join torchrun, make the output directory,
+seed, resume, log each step, save every ``save_steps`` and at the end, and stop cleanly on SIGINT / SIGTERM."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from r1vl_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint, set_rng_state
 from r1vl_fast.config import RunConfig, to_dict
 from r1vl_fast.distributed import World, all_sum, barrier, full_model_state, init_world, unwrap, wrap
-from r1vl_fast.modeling import is_multimodal, load_model
+from r1vl_fast.modeling import load_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.tracking import RunLog
 
@@ -43,35 +43,17 @@ def setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def resolve_device(config: RunConfig, world: World | None = None) -> torch.device:
-    """cpu, or this rank's GPU."""
-    kind = config.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda" and not torch.cuda.is_available():
+def run_device(config: RunConfig, world: World | None = None) -> torch.device:
+    """cpu, or this rank's GPU (``config.device`` is resolved: cuda or cpu)."""
+    if config.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
-    return torch.device("cuda", (world or World()).local_rank) if kind == "cuda" else torch.device("cpu")
+    return torch.device("cuda", (world or World()).local_rank) if config.device == "cuda" else torch.device("cpu")
 
 
-def device_kind(config: RunConfig) -> str:
-    return "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def resolve_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
-    bf16 = config.bf16
-    if bf16 is None:
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if bf16 and device.type == "cpu":
+def run_dtype(config: RunConfig) -> torch.dtype:
+    if config.bf16 and config.device == "cpu":
         log.warning("--bf16 on CPU: bfloat16 matmuls on CPU are slow")
-    return torch.bfloat16 if bf16 else torch.float32
-
-
-def output_dir_for(config: RunConfig, kind: str, world: World | None = None) -> Path:
-    if config.output_dir is not None:
-        return Path(config.output_dir)
-    if world is not None and world.size > 1:  # every rank must agree on one directory
-        raise ValueError("under torchrun, pass --output_dir")
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return torch.bfloat16 if config.bf16 else torch.float32
 
 
 def seed_everything(seed: int) -> None:
@@ -104,22 +86,22 @@ class Run:
         return str(self.checkpoint) if self.checkpoint is not None else self.model_name_or_path
 
 
-def start_run(config: RunConfig, kind: str) -> Run:
+def start_run(config: RunConfig) -> Run:
     """Join torchrun (if launched by it), make the output directory, find the checkpoint to resume, pick the
     device and dtype, seed every generator, and load the tokenizer / image processor."""
     if config.model_name_or_path is None or config.dataset is None:
         raise ValueError("--model_name_or_path and --dataset are both needed"
-                         + (" (or neither, for the demo)" if kind == "run" else ""))
-    world = init_world(device_kind(config))
-    output_dir = output_dir_for(config, kind, world)
+                         + (" (or neither, for the demo)" if config.run_kind == "run" else ""))
+    world = init_world(config.device)
+    assert config.output_dir is not None  # resolved
+    output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = resume_point(config, output_dir)
-    device = resolve_device(config, world)
-    dtype = resolve_dtype(config, device)
+    device = run_device(config, world)
+    dtype = run_dtype(config)
     seed_everything(config.seed)
     processing = Processing.from_pretrained(config.model_name_or_path, min_pixels=config.min_pixels,
-                                            max_pixels=config.max_pixels,
-                                            multimodal=is_multimodal(config.model_name_or_path))
+                                            max_pixels=config.max_pixels)
     return Run(world, output_dir, checkpoint, device, dtype, processing, config.model_name_or_path)
 
 

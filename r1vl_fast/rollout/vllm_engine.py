@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from r1vl_fast.processing import Processing, PromptInputs
-from r1vl_fast.rollout import Rollouts, SamplingConfig, draw_seeds, finish
+from r1vl_fast.rollout.engine import Rollouts, SamplingConfig, draw_seeds, finish
 
 log = logging.getLogger("r1vl_fast")
 
@@ -64,7 +64,6 @@ class VLLMRolloutEngine:
         self.llm: Any = LLM(**kwargs)
         torch.set_num_threads(threads)  # vLLM's CPU backend lowers the process's torch threads for serving
         self.asleep = False
-        self.stats = {"weight_syncs": 0}
 
     def _request(self, prompt: PromptInputs) -> dict[str, Any]:
         if prompt.image is None:
@@ -128,7 +127,6 @@ class VLLMRolloutEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _full_tensors(model),
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
-        self.stats["weight_syncs"] += 1
 
     @torch.no_grad()
     def prompt_log_probs(self, token_ids: list[int]) -> torch.Tensor:

@@ -2,12 +2,13 @@
 advantages → old / reference log-probs → policy update with the clipped, KL-regularised GRPO loss.
 
 Components do the work (``rollout``, ``rewards``, ``ops``); this module only wires one step and keeps the state a
-checkpoint needs (optimizer, scheduler, data position, and the rollout buffer when μ > 1 reuses it).
+checkpoint needs (``optim.TrainerBase``: optimizer, scheduler, data position; here also the rollout buffer when
+μ > 1 reuses it). The rewards go into the loss kernel, which normalises them into advantages within each group in
+the same pass as the log-probs, the clipped ratio and the KL.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,38 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1vl_fast.config import GRPOTrainConfig, RunConfig
-from r1vl_fast.data import EpochSampler, Sample, encode_prompt
-from r1vl_fast.distributed import World, all_sum, load_optimizer_state, optimizer_state, reduce_metrics, unwrap
+from r1vl_fast.config import GRPOTrainConfig
+from r1vl_fast.data import Sample, encode_prompt
+from r1vl_fast.distributed import World, all_sum, reduce_metrics, unwrap
 from r1vl_fast.modeling import completion_log_probs, completion_logits
-from r1vl_fast.ops import group_advantages, grpo_loss, importance_weights
+from r1vl_fast.ops import grpo_loss, importance_weights
+from r1vl_fast.optim import TrainerBase
 from r1vl_fast.processing import Processing, PromptInputs, batch_inputs
-from r1vl_fast.rewards.scoring import RewardBreakdown, StepRewards
+from r1vl_fast.rewards.step_rewards import RewardBreakdown, StepRewards
 from r1vl_fast.rollout import RolloutEngine, SamplingConfig, draw_seeds
-
-
-def make_optimizer(model: Any, config: RunConfig, total_steps: int) -> tuple[Any, Any]:
-    """AdamW and the configured schedule (R1-VL: linear decay without warm-up for RL, cosine with 3 % for SFT)."""
-    from transformers import get_scheduler
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
-                              num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    return optimizer, scheduler
-
-
-def optimizer_step(model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float) -> dict[str, float]:
-    """Clip the accumulated gradients (0: no clipping), step the optimizer and the schedule, clear the gradients;
-    returns the pre-clip gradient norm and the learning rate the step used."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm": float(norm), "learning_rate": lr}
 
 
 @dataclass
@@ -59,7 +37,8 @@ class RolloutBatch:
     completion_mask: torch.Tensor
     texts: list[str]
     rewards: RewardBreakdown
-    advantages: torch.Tensor
+    reward_totals: torch.Tensor  # [B] fp32 on the training device: what the loss normalises into advantages
+    advantages: torch.Tensor | None  # [B], as the loss computed them (after the first update of this batch)
     old_logp: torch.Tensor | None
     ref_logp: torch.Tensor | None
     finish_reasons: list[str]
@@ -74,22 +53,19 @@ class RolloutBatch:
         return cls(**{**state, "rewards": RewardBreakdown(**state["rewards"])})
 
 
-class StepGRPOTrainer:
+class StepGRPOTrainer(TrainerBase):
     def __init__(self, config: GRPOTrainConfig, *, policy: Any, reference: Any | None, processing: Processing,
                  samples: list[Sample], rewards: StepRewards, engine: RolloutEngine, device: torch.device,
                  total_steps: int, world: World | None = None) -> None:
-        self.config, self.policy, self.reference = config, policy, reference
-        self.world = world or World()
+        super().__init__(config, policy, num_samples=len(samples), total_steps=total_steps, world=world)
+        self.config, self.reference = config, reference
         self.processing, self.samples, self.rewards, self.engine = processing, samples, rewards, engine
-        self.device, self.total_steps = device, total_steps
-        self.optimizer, self.scheduler = make_optimizer(policy, config, total_steps)
-        self.sampler = EpochSampler(len(samples), config.seed)
-        self.step_idx = 0  # optimizer steps taken
+        self.device = device
         self.buffer: list[RolloutBatch] = []
         self.sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                        max_new_tokens=config.max_completion_length)
-        self.logprob_temperature = config.logprob_temperature or config.temperature
-        self.impl = config.loss_impl if config.loss_impl != "auto" else ("triton" if device.type == "cuda" else "torch")
+        self.loss_config = config.loss_config()  # the loss settings, built once
+        self.impl = config.loss_impl
 
     # ------------------------------------------------------------------------------------------------ one step
 
@@ -124,7 +100,6 @@ class StepGRPOTrainer:
         start = time.perf_counter()
         completion_sample_ids = [i for i in sample_ids for _ in range(G)]  # reward inputs aligned per completion
         rewards = self.rewards(rollouts.texts, completion_sample_ids)
-        advantages = group_advantages(torch.from_numpy(rewards.total), G, scale=c.scale_rewards)
         times["time/reward"] += time.perf_counter() - start
 
         responses = [row[m].tolist() for row, m in zip(rollouts.completion_ids, rollouts.completion_mask)]
@@ -135,7 +110,7 @@ class StepGRPOTrainer:
         old_logp = ref_logp = is_weights = stats = None
         correct = rollouts.logprobs is not None and c.vllm_importance_sampling_correction
         if c.num_iterations > 1 or correct:
-            old_logp = completion_log_probs(self.policy, inputs, ids, self.logprob_temperature, self.impl)
+            old_logp = completion_log_probs(self.policy, inputs, ids, self.loss_config.temperature, self.impl)
         if correct:
             assert rollouts.logprobs is not None and old_logp is not None
             is_weights, stats = importance_weights(old_logp, rollouts.logprobs.to(self.device), mask,
@@ -144,27 +119,24 @@ class StepGRPOTrainer:
             if c.num_iterations == 1:
                 old_logp = None  # on-policy ratio, as without correction
         if self.reference is not None:
-            ref_logp = completion_log_probs(self.reference, inputs, ids, self.logprob_temperature, self.impl)
+            ref_logp = completion_log_probs(self.reference, inputs, ids, self.loss_config.temperature, self.impl)
         times["time/logprobs"] += time.perf_counter() - start
-        return RolloutBatch(completion_sample_ids, inputs, ids, mask, rollouts.texts, rewards,
-                            advantages.to(self.device), old_logp, ref_logp, rollouts.finish_reasons, is_weights, stats)
+        totals = torch.from_numpy(rewards.total).to(self.device, torch.float32)
+        return RolloutBatch(completion_sample_ids, inputs, ids, mask, rollouts.texts, rewards, totals, None,
+                            old_logp, ref_logp, rollouts.finish_reasons, is_weights, stats)
 
     def update(self, buffer: list[RolloutBatch]) -> dict[str, float]:
         """One optimizer step over the micro-batches of ``buffer`` (gradient accumulation)."""
-        c = self.config
         self.policy.train()
         loss_sum, tokens = 0.0, 0.0
         # token-level metrics are summed over tokens, then divided by the global token count
         token_sums = {"kl": 0.0, "clip_ratio": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0}
         for mb in buffer:
             logits = completion_logits(self.policy, mb.inputs, mb.completion_ids.shape[1])
-            loss, m = grpo_loss(
-                logits, mb.completion_ids, mb.completion_mask, mb.advantages, old_logp=mb.old_logp,
-                ref_logp=mb.ref_logp, beta=c.beta if mb.ref_logp is not None else 0.0, kl=c.kl_estimator,
-                is_weights=mb.is_weights,
-                eps_low=c.epsilon, eps_high=c.epsilon_high, delta=c.delta, loss_type=c.loss_type,
-                temperature=self.logprob_temperature, max_completion_length=c.max_completion_length, impl=self.impl,
-            )
+            loss, m = grpo_loss(logits, mb.completion_ids, mb.completion_mask, config=self.loss_config,
+                                rewards=mb.reward_totals, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                                is_weights=mb.is_weights, impl=self.impl)
+            mb.advantages = m["advantages"]
             (loss / len(buffer)).backward()
             loss_sum += float(loss.detach()) / len(buffer)
             n = float(mb.completion_mask.sum())
@@ -174,7 +146,7 @@ class StepGRPOTrainer:
                 token_sums[key] += float(value) * n
         total_tokens = max(all_sum(tokens, self.world), 1.0)
         sums = {"loss": loss_sum, **{k: all_sum(v, self.world) / total_tokens for k, v in token_sums.items()}}
-        stepped = optimizer_step(self.policy, self.optimizer, self.scheduler, c.max_grad_norm)
+        stepped = self.optimizer_step()
         self.engine.sync_weights(unwrap(self.policy))
         return {**sums, **stepped}
 
@@ -218,29 +190,24 @@ class StepGRPOTrainer:
                 if len(out) == k:
                     return out
                 s = self.samples[mb.sample_ids[j]]
+                advantage = float(mb.advantages[j]) if mb.advantages is not None else None
                 out.append({"sample": s.where, "problem": s.problem, "completion": mb.texts[j],
-                            "advantage": float(mb.advantages[j]), **mb.rewards.row(j)})
+                            "advantage": advantage, **mb.rewards.row(j)})
         return out
 
     # ------------------------------------------------------------------------------------------------ state
 
-    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(JSON state, tensor state) for a checkpoint."""
+    def extra_state(self) -> dict[str, Any]:
+        """The rollout buffer, when a checkpoint lands while μ > 1 still reuses it (every rank's)."""
         reuse = self.step_idx % self.config.num_iterations != 0
         buffer = [_to(mb.to_state(), torch.device("cpu")) for mb in self.buffer] if reuse else []
         buffers: list[Any] = [buffer]
         if self.world.size > 1:  # each rank reuses its own rollouts: keep all of them
             buffers = [None] * self.world.size
             torch.distributed.all_gather_object(buffers, buffer)
-        tensors = {"optimizer": optimizer_state(self.policy, self.optimizer), "scheduler": self.scheduler.state_dict(),
-                   "buffers": buffers}
-        return {"sampler": self.sampler.state_dict(), "total_steps": self.total_steps}, tensors
+        return {"buffers": buffers}
 
-    def load_state(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
-        self.step_idx = int(state["step"])
-        self.sampler.load_state_dict(state["sampler"])
-        load_optimizer_state(self.policy, self.optimizer, tensors["optimizer"])
-        self.scheduler.load_state_dict(tensors["scheduler"])
+    def load_extra_state(self, tensors: dict[str, Any]) -> None:
         buffers = tensors["buffers"]
         if len(buffers) != self.world.size:
             raise ValueError(f"the checkpoint was saved by {len(buffers)} ranks; resume with the same world size "
