@@ -27,7 +27,7 @@ from r1vl_fast.ops.config import ADV_SCALES, IMPLS, KL_ESTIMATORS, LOSS_TYPES, G
 from r1vl_fast.ops.importance import IS_MODES
 from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS
 from r1vl_fast.rewards.step_rar import PRESETS as REWARD_PRESETS
-from r1vl_fast.rollout import ENGINES, resolve_engine
+from r1vl_fast.rollout import ENGINES, default_sleep_mode, resolve_engine
 
 PRESET_NAMES = ("demo", "r1vl-2b", "r1vl-7b")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -178,7 +178,7 @@ class GRPOTrainConfig(RunConfig):
         if self.rollout_engine == "auto":
             self.rollout_engine = resolve_engine("auto", self.device)
         if self.vllm_sleep_mode is None:
-            self.vllm_sleep_mode = self.device == "cuda"
+            self.vllm_sleep_mode = default_sleep_mode(self.device)
 
     def loss_config(self) -> GRPOConfig:
         """The GRPO loss settings of this run (built once by the trainer)."""

@@ -126,26 +126,33 @@ class StepGRPOTrainer(TrainerBase):
                             old_logp, ref_logp, rollouts.finish_reasons, is_weights, stats)
 
     def update(self, buffer: list[RolloutBatch]) -> dict[str, float]:
-        """One optimizer step over the micro-batches of ``buffer`` (gradient accumulation)."""
+        """One optimizer step over the micro-batches of ``buffer`` (gradient accumulation).
+
+        The loss reads the logits buffer as the model produced it and writes its gradient there, already scaled by
+        1 / micro-batches: one read and one write of the logits per micro-batch, and nothing waits for the device
+        until the step's metrics are read at the end."""
         self.policy.train()
-        loss_sum, tokens = 0.0, 0.0
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_sum, tokens = zero, zero
         # token-level metrics are summed over tokens, then divided by the global token count
-        token_sums = {"kl": 0.0, "clip_ratio": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0}
+        token_sums = {"kl": zero, "clip_ratio": zero, "clip_ratio/low": zero, "clip_ratio/high": zero}
         for mb in buffer:
             logits = completion_logits(self.policy, mb.inputs, mb.completion_ids.shape[1])
             loss, m = grpo_loss(logits, mb.completion_ids, mb.completion_mask, config=self.loss_config,
                                 rewards=mb.reward_totals, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
-                                is_weights=mb.is_weights, impl=self.impl)
+                                is_weights=mb.is_weights, loss_scale=1.0 / len(buffer), last_position_unused=True,
+                                grad_inplace=True, validate=False, impl=self.impl)
+            loss.backward()
             mb.advantages = m["advantages"]
-            (loss / len(buffer)).backward()
-            loss_sum += float(loss.detach()) / len(buffer)
-            n = float(mb.completion_mask.sum())
-            tokens += n
+            loss_sum = loss_sum + loss.detach()
+            n = mb.completion_mask.sum()
+            tokens = tokens + n
             for key, value in (("kl", m["kl"]), ("clip_ratio", m["clip_region"]), ("clip_ratio/low", m["clip_low"]),
                                ("clip_ratio/high", m["clip_high"])):
-                token_sums[key] += float(value) * n
-        total_tokens = max(all_sum(tokens, self.world), 1.0)
-        sums = {"loss": loss_sum, **{k: all_sum(v, self.world) / total_tokens for k, v in token_sums.items()}}
+                token_sums[key] = token_sums[key] + value.double() * n
+        total_tokens = max(all_sum(float(tokens), self.world), 1.0)
+        sums = {"loss": float(loss_sum),
+                **{k: all_sum(float(v), self.world) / total_tokens for k, v in token_sums.items()}}
         stepped = self.optimizer_step()
         self.engine.sync_weights(unwrap(self.policy))
         return {**sums, **stepped}

@@ -33,9 +33,11 @@ def load_model(path: str, *, device: torch.device, dtype: torch.dtype, trainable
 
 
 def completion_logits(model: Any, batch: dict[str, torch.Tensor], completion_length: int) -> torch.Tensor:
-    """Logits [B, T, V] predicting the last ``completion_length`` tokens of ``batch['input_ids']``."""
-    out = model(**batch, use_cache=False, logits_to_keep=completion_length + 1)
-    return out.logits[:, :-1]
+    """Logits [B, T + 1, V] as the model computes them for the last T = ``completion_length`` tokens of
+    ``batch['input_ids']``: position t predicts completion token t, the last position predicts past the end. The
+    loss takes this buffer as it is (``grpo_loss(..., last_position_unused=True)``): a slice would make autograd
+    copy its gradient into a zeroed buffer of the full size."""
+    return model(**batch, use_cache=False, logits_to_keep=completion_length + 1).logits
 
 
 @torch.no_grad()
@@ -43,5 +45,6 @@ def completion_log_probs(
     model: Any, batch: dict[str, torch.Tensor], completion_ids: torch.Tensor, temperature: float, impl: str = "auto"
 ) -> torch.Tensor:
     """fp32 log-probs [B, T] of the completion tokens (the no-grad path: old and reference policies)."""
-    logits = completion_logits(model, batch, completion_ids.shape[1])
-    return selective_log_probs(logits, completion_ids, temperature=temperature, impl=impl)  # type: ignore[return-value]
+    logits = completion_logits(model, batch, completion_ids.shape[1])[:, :-1]  # a view: read once, nothing copied
+    return selective_log_probs(logits, completion_ids, temperature=temperature, validate=False,  # type: ignore[return-value]
+                               impl=impl)

@@ -35,7 +35,7 @@ class SFTTrainer(TrainerBase):
         mask = torch.zeros_like(targets, dtype=torch.bool)
         for j, r in enumerate(responses):
             mask[j, : len(r)] = True
-        logits = completion_logits(self.policy, inputs, width).float()
+        logits = completion_logits(self.policy, inputs, width)[:, :-1].float()
         return F.cross_entropy(logits[mask], targets[mask], reduction="sum")
 
     def step(self) -> dict[str, Any]:

@@ -290,3 +290,111 @@ def test_bad_inputs_are_named():
         grpo_loss(logits, ids, mask.long() * 2, adv.float())
     with pytest.raises(ValueError, match="delta must exceed"):
         grpo_loss(logits, ids, mask, adv.float(), GRPOConfig(delta=1.1))
+
+
+# ---------------------------------------------------------------------------------------- several blocks per row
+
+
+def _blocky_logits(seed: int) -> torch.Tensor:
+    """V = 1001 over blocks of 128 (a ragged last block of 105 columns), with −inf runs that straddle block edges and
+    a row whose first two blocks are all −inf (the running max starts at −inf and stays there for two blocks)."""
+    x = _logits(3, 5, 1001, seed=seed)
+    x[:, :, 120:140] = float("-inf")  # across the edge at 128
+    x[0, 1, :256] = float("-inf")  # two whole blocks
+    x[1, 2, 990:] = float("-inf")  # the tail of the ragged block
+    x[2, 3, 5] = 40.0  # a large maximum in the first block, then smaller ones
+    return x
+
+
+@pytest.mark.parametrize("programs", [1, 4, None])  # one program for all rows, a few, one per row
+def test_several_vocabulary_blocks_per_row_and_the_persistent_row_loop(programs):
+    from r1vl_fast.ops.launch import tuning
+
+    logits = _blocky_logits(110)
+    ids = _ids(logits, 111)
+    with tuning(block_v=128, programs=programs):
+        x = logits.clone().requires_grad_()
+        logp, ent = selective_log_probs(x, ids, temperature=0.9, return_entropy=True, impl="triton")
+        (logp.sum() + 0.5 * ent.sum()).backward()
+    x64 = logits.double().requires_grad_()
+    logp64, ent64 = ref.selective_log_probs(x64, ids, temperature=0.9, return_entropy=True)
+    (logp64.sum() + 0.5 * ent64.sum()).backward()
+    _close(logp, logp64, 1e-6, 50.0)
+    _close(ent, ent64, 1e-5, 50.0)
+    _close(x.grad, x64.grad, 1e-5)
+
+    g = torch.Generator().manual_seed(112)
+    mask = torch.rand(3, 5, generator=g) > 0.2
+    old = logp64.detach() + 0.3 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+    refl = logp64.detach() + 0.2 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+    rewards = torch.tensor([1.0, 0.2, 0.7])
+    cfg = GRPOConfig(beta=0.04, group_size=3, temperature=0.9, delta=1.6)
+    with tuning(block_v=128, programs=programs):
+        x = logits.clone().requires_grad_()
+        loss, m = grpo_loss(x, ids, mask, config=cfg, rewards=rewards, old_logp=old.float(), ref_logp=refl.float(),
+                            return_entropy=True, impl="triton")
+        loss.backward()
+    x64 = logits.double().requires_grad_()
+    loss64, m64 = grpo_loss(x64, ids, mask, config=cfg, rewards=rewards.double(), old_logp=old, ref_logp=refl,
+                            return_entropy=True, impl="torch")
+    loss64.backward()
+    assert abs(loss.item() - loss64.item()) <= 1e-5 * max(1e-6, abs(loss64.item()))
+    _close(x.grad, x64.grad, 1e-5)
+    for name in ("kl", "clip_region", "entropy"):
+        assert m[name].item() == pytest.approx(m64[name].item(), rel=1e-4, abs=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------- the trainer's loss path
+
+
+def test_the_models_logits_buffer_takes_its_own_gradient_in_place():
+    """logits [B, T + 1, V] as the model returns them: the gradient lands in that buffer (the last position zero),
+    scaled by loss_scale inside the kernel, and equals the reference's on the [B, T, V] slice."""
+    logits, ids, mask, old, refl, _, adv = _case(120)
+    full = torch.cat([logits, torch.randn(B, 1, V)], dim=1)  # the extra position past the completion
+    leaf = full.clone().requires_grad_()
+    x = leaf * 1.0  # the lm_head output: a non-leaf buffer
+    cfg = GRPOConfig(beta=0.04)
+    loss, _ = grpo_loss(x, ids, mask, adv.float(), cfg, old_logp=old.float(), ref_logp=refl.float(), loss_scale=0.25,
+                        last_position_unused=True, grad_inplace=True, validate=False, impl="triton")
+    loss.backward()
+    x64 = logits.double().requires_grad_()
+    loss64, _ = grpo_loss(x64, ids, mask, adv, cfg, old_logp=old, ref_logp=refl, impl="torch")
+    (loss64 * 0.25).backward()
+    assert loss.item() == pytest.approx(0.25 * loss64.item(), rel=1e-5)
+    _close(leaf.grad[:, :T], x64.grad, 1e-5)
+    assert torch.all(leaf.grad[:, T] == 0)
+    _close(x.detach()[:, :T], x64.grad, 1e-5)  # the buffer itself now holds the gradient
+    with pytest.raises(ValueError, match="last_position_unused"):
+        grpo_loss(full, ids[:, :-1], mask[:, :-1], adv.float(), cfg, last_position_unused=True, impl="triton")
+
+
+def test_fp16_gradients_are_scaled_before_rounding():
+    """fp16 logits: the gradient is written in backward with the upstream scale (a loss scaler's 2^16) applied
+    first, so entries of size w·p ≈ 1e-10, below fp16's smallest subnormal (6e-8), survive the scaling."""
+    g = torch.Generator().manual_seed(130)
+    logits = (torch.randn(2, 3, 513, generator=g) * 6).to(torch.float16)
+    ids = _ids(logits.float(), 131)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    adv = torch.tensor([1.0, -0.5])
+    scale = 2.0**16
+    x = logits.clone().requires_grad_()
+    loss, _ = grpo_loss(x, ids, mask, adv, GRPOConfig(beta=0.0), impl="triton")
+    (loss * scale).backward()
+    x64 = logits.double().requires_grad_()
+    (grpo_loss(x64, ids, mask, adv.double(), GRPOConfig(beta=0.0), impl="torch")[0] * scale).backward()
+    tiny = (x64.grad.abs() > 1e-3) & (x64.grad.abs() / scale < 6e-8)  # would have underflowed unscaled
+    assert tiny.sum() > 50
+    assert torch.all(x.grad[tiny] != 0)
+    _close(x.grad, x64.grad, 2e-3)  # fp16 rounding
+
+
+def test_create_graph_is_refused_with_a_clear_error():
+    logits, ids, mask, _, _, _, adv = _case(140)
+    x = logits.clone().requires_grad_()
+    loss, _ = grpo_loss(x, ids, mask, adv.float(), impl="triton")
+    with pytest.raises(RuntimeError, match="create_graph"):
+        loss.backward(create_graph=True)
+    logp = selective_log_probs(logits.clone().requires_grad_(), ids, impl="triton")
+    with pytest.raises(RuntimeError, match="create_graph"):
+        logp.sum().backward(create_graph=True)

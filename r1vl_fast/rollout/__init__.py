@@ -17,10 +17,10 @@ from r1vl_fast.data import encode_prompt
 from r1vl_fast.processing import Processing
 from r1vl_fast.rollout.engine import RolloutEngine, Rollouts, SamplingConfig, draw_seeds, finish
 from r1vl_fast.rollout.hf_engine import HFRolloutEngine
-from r1vl_fast.rollout.vllm_engine import VLLMRolloutEngine, vllm_available
+from r1vl_fast.rollout.vllm_engine import VLLMRolloutEngine, default_sleep_mode, vllm_available
 
 __all__ = ["ENGINES", "HFRolloutEngine", "RolloutEngine", "Rollouts", "SamplingConfig", "VLLMRolloutEngine",
-           "draw_seeds", "finish", "make_engine", "resolve_engine", "sample_completions"]
+           "default_sleep_mode", "draw_seeds", "finish", "make_engine", "resolve_engine", "sample_completions"]
 
 log = logging.getLogger("r1vl_fast")
 

@@ -28,6 +28,11 @@ def _full_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def default_sleep_mode(device_type: str) -> bool:
+    """Sleep between rollouts (hand vLLM's memory back to training) on a GPU; on CPU there is nothing to gain."""
+    return device_type == "cuda"
+
+
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -45,7 +50,7 @@ class VLLMRolloutEngine:
         from vllm import LLM
 
         self.processing = processing
-        self.sleep_mode = device.type == "cuda" if sleep_mode is None else sleep_mode
+        self.sleep_mode = default_sleep_mode(device.type) if sleep_mode is None else sleep_mode
         kwargs: dict[str, Any] = dict(
             model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, seed=seed, enable_prefix_caching=True,
