@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The five-minute GPU check, on one H100 / H200, no downloads. From the repository root:
+#
+#   bash benches/gpu_wheels.sh      # first, on a machine with the package registry: fills .gpu_wheels/
+#   bash benches/gpu_check.sh       # on the GPU machine (carry .gpu_wheels/ along); OUT=folder to choose where
+#
+# 1. builds the package in place (the C++ matcher) and installs the carried wheels;
+# 2. parity: the compiled kernels against the fp64 reference at V = 151,936 (fp32, bf16, fp16; every loss feature;
+#    the trainer's [B, T + 1, V] layout with the gradient in place; > 2^31 logits; no host sync), and the
+#    ahead-of-time compile check;
+# 3. the loss benchmark: eager TRL-style, torch.compile, Liger-Kernel (when carried) and ours at 8x1024 and
+#    16x2048, each checked against one reference (loss and logits gradient), with time, peak memory and TB/s;
+# 4. three StepGRPO steps on a Qwen2-VL-2B-shaped model (random weights, depth cut);
+# 5. $OUT/summary.json with every figure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu_check}"
+mkdir -p "$OUT"
+rm -f "$OUT/steps.jsonl"
+export TRITON_INTERPRET=0 PIP_DISABLE_PIP_VERSION_CHECK=1
+PY="${PYTHON:-python3}"
+status=0
+
+run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, record rc and time in $OUT/steps.jsonl
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - start))}" >>"$OUT/steps.jsonl"
+  echo "== $name: rc $rc in $((SECONDS - start)) s"
+  tail -n 4 "$OUT/$name.log"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1
+if [ -d .gpu_wheels ]; then
+  run wheels 120 "$PY" -m pip install -q --no-index --find-links .gpu_wheels .gpu_wheels/*.whl
+fi
+run install 240 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+run parity 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_grpo_ops_cuda.py tests/test_kernels_compile.py
+run loss_bench 300 "$PY" -m pytest -q -p no:cacheprovider benches/test_bench_grpo_loss.py --benchmark-only \
+  --benchmark-json="$OUT/loss_bench.json"
+run train_step 240 "$PY" benches/gpu_step.py --out "$OUT/step"
+"$PY" benches/gpu_summary.py "$OUT" >"$OUT/summary.json" && cat "$OUT/summary.json"
+exit $status
