@@ -398,3 +398,49 @@ def test_create_graph_is_refused_with_a_clear_error():
     logp = selective_log_probs(logits.clone().requires_grad_(), ids, impl="triton")
     with pytest.raises(RuntimeError, match="create_graph"):
         logp.sum().backward(create_graph=True)
+
+
+# ---------------------------------------------------------------------------------------- torch.compile
+
+
+def test_torch_compile_keeps_one_graph_through_the_kernels():
+    """Under torch.compile (fullgraph: a graph break is an error) the kernels run as torch.library custom ops, with
+    the same loss, metrics and gradients as eager, in the trainer's layout too."""
+    torch._dynamo.reset()
+    logits, ids, mask, old, refl, _, _ = _case(150)
+    full = torch.cat([logits, torch.randn(B, 1, V)], dim=1)
+    rewards = torch.tensor([1.0, 0.0, 0.4, 0.4])
+    cfg = GRPOConfig(beta=0.04, group_size=2)
+
+    def step(x):
+        loss, m = grpo_loss(x, ids, mask, config=cfg, rewards=rewards, old_logp=old.float(), ref_logp=refl.float(),
+                            loss_scale=0.5, last_position_unused=True, return_entropy=True, validate=False,
+                            impl="triton")
+        logp, ent = selective_log_probs(x[:, :-1], ids, return_entropy=True, impl="triton")
+        return loss + 0.1 * (logp * mask).sum() + 0.01 * ent.sum(), m["kl"], m["entropy"], m["advantages"]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = full.clone().requires_grad_()
+    got = compiled(x)
+    got[0].backward()
+    x_eager = full.clone().requires_grad_()
+    want = step(x_eager)
+    want[0].backward()
+    for a, b in zip(got, want):
+        assert a.detach().double().sub(b.detach().double()).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+    _close(x.grad, x_eager.grad, 1e-5)
+    assert torch.all(x.grad[:, -1] == 0)
+
+
+def test_custom_op_registrations_pass_torch_library_opcheck():
+    from r1vl_fast.ops import library
+
+    logits, ids, mask, old, refl, isw, adv = _case(160)
+    x = logits.clone().requires_grad_()
+    weights = mask.float() / mask.float().sum()
+    lse = torch.randn(B, T)
+    torch.library.opcheck(library.log_probs_fwd, (x, ids, 0.9, True))
+    torch.library.opcheck(library.log_probs_bwd, (logits, ids, lse, lse, torch.randn(B, T), None, 0.9))
+    torch.library.opcheck(library.grpo_loss_fwd, (
+        x, ids, weights, None, torch.tensor([1.0, 0.0, 0.5, 0.5]), None, old.float(), refl.float(), isw.float(),
+        0.04, "k3", 0.2, 0.2, None, 1.0, 2, "group", 1e-4, True, 1.0, True))

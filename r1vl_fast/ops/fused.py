@@ -5,7 +5,8 @@ Each op checks its inputs (errors name the argument), then runs the Triton kerne
 ``r1vl_fast.ops.reference`` (``impl="torch"``); ``"auto"`` is resolved by :func:`r1vl_fast.ops.config.resolve_impl`
 (Triton on CUDA tensors, PyTorch otherwise). With ``validate=False`` the checks that read tensor values (id range,
 mask values, finite rewards), and so wait for the device, are skipped: the trainer validates its rollouts once, on
-the CPU.
+the CPU. Under ``torch.compile`` they are skipped too (they would break the graph), and the kernels run as the
+custom ops of ``r1vl_fast.ops.library``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from r1vl_fast.ops import launch as L
-from r1vl_fast.ops import reference
+from r1vl_fast.ops import library, reference
 from r1vl_fast.ops.config import ADV_SCALES, GRPOConfig, resolve_impl, token_weights
 
 
@@ -97,12 +98,15 @@ def selective_log_probs(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     _check_id_dtype(ids)
-    if validate:
+    compiling = torch.compiler.is_compiling()
+    if validate and not compiling:
         _check_ids(ids, vocab)
     if resolve_impl(impl, logits.device.type) == "torch":
         return reference.selective_log_probs(logits, ids, temperature=temperature, return_entropy=return_entropy)
     ids = ids.to(torch.int64).contiguous()
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if compiling:
+        logp, _, ent = library.log_probs_fwd(logits, ids, float(temperature), return_entropy)
+    elif torch.is_grad_enabled() and logits.requires_grad:
         logp, ent = _SelectiveLogProbs.apply(logits, ids, float(temperature), return_entropy)
     else:
         launch, logp, _, ent = L.log_probs_fwd(logits, ids, float(temperature), return_entropy)
@@ -270,8 +274,11 @@ def grpo_loss(
             raise ValueError("rewards= needs config.group_size (the number of completions per prompt)")
         if tuple(rewards.shape) != (batch,):
             raise ValueError(f"rewards must have shape [B] = [{batch}], got {tuple(rewards.shape)}")
-        _check_group(rewards, config.group_size, config.adv_unbiased, config.scale_rewards, validate=validate)
+        _check_group(rewards, config.group_size, config.adv_unbiased, config.scale_rewards,
+                     validate=validate and not torch.compiler.is_compiling())
     _check_id_dtype(ids)
+    compiling = torch.compiler.is_compiling()
+    validate = validate and not compiling
     if validate:
         if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("mask must be bool or hold only 0 and 1")
@@ -303,7 +310,14 @@ def grpo_loss(
         is_weights=f32(is_weights), config=config, loss_scale=float(loss_scale), entropy=return_entropy,
         grad_inplace=grad_inplace,
     )
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if compiling:  # functional custom ops: the backward writes a new gradient buffer (grad_inplace does not apply)
+        rows, logp, kl_tok, flags, ent, _, _, adv = library.grpo_loss_fwd(
+            logits, kw["ids"], kw["weights"], kw["advantages"], kw["rewards"], batch_std, kw["old_logp"],
+            kw["ref_logp"], kw["is_weights"], config.beta, config.kl, config.eps_low, config.eps_high, config.delta,
+            config.temperature, config.group_size or 1, config.scale_rewards, config.adv_eps, config.adv_unbiased,
+            kw["loss_scale"], return_entropy)
+        loss = rows.sum()
+    elif torch.is_grad_enabled() and logits.requires_grad:
         loss, logp, kl_tok, flags, ent, adv = _FusedGRPOLoss.apply(logits, kw)
     else:
         launch, out = L.grpo_fwd(logits, kw["ids"], kw["weights"], config, advantages=kw["advantages"],
