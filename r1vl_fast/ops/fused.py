@@ -55,31 +55,6 @@ def _check_ids(ids: torch.Tensor, vocab: int, where: torch.Tensor | None = None)
 # ---------------------------------------------------------------------------------------- selective log-probs
 
 
-class _SelectiveLogProbs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor, temperature: float, entropy: bool) -> Any:
-        launch, logp, lse, ent = L.log_probs_fwd(logits, ids, temperature, entropy)
-        launch.run()
-        ctx.save_for_backward(logits, ids, lse, ent)
-        ctx.temperature = temperature
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx: Any, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None) -> Any:
-        _no_double_backward("selective_log_probs")
-        logits, ids, lse, ent = ctx.saved_tensors
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        g_h = grad_entropy.float().contiguous() if grad_entropy is not None and ent.numel() > 1 else None
-        L.log_probs_bwd(logits, ids, ctx.temperature, lse, ent, grad_logp.float().contiguous(), g_h, grad).run()
-        return grad, None, None, None
-
-
-def _no_double_backward(op: str) -> None:
-    if torch.is_grad_enabled():  # backward(create_graph=True)
-        raise RuntimeError(f"{op}'s gradient is computed by a kernel and cannot be differentiated again: "
-                           f"call backward without create_graph=True")
-
-
 def selective_log_probs(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -91,7 +66,9 @@ def selective_log_probs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 log-probabilities of ``ids`` [B, T] under softmax(logits / temperature), logits [B, T, V] in any
     float dtype (last dimension contiguous, any strides otherwise); optionally also the entropy per token.
-    Differentiable; without grad (old or reference policy) it reads the logits once and keeps nothing."""
+    Differentiable; without grad (old or reference policy) it reads the logits once and keeps nothing. The kernels
+    run as the custom op ``r1vl_fast::log_probs_fwd`` (``r1vl_fast.ops.library``), in eager mode and under
+    ``torch.compile`` alike."""
     _check_logits(logits)
     batch, length, vocab = logits.shape
     _check_bt("ids", ids, batch, length, logits.device)
@@ -103,14 +80,9 @@ def selective_log_probs(
         _check_ids(ids, vocab)
     if resolve_impl(impl, logits.device.type) == "torch":
         return reference.selective_log_probs(logits, ids, temperature=temperature, return_entropy=return_entropy)
-    ids = ids.to(torch.int64).contiguous()
-    if compiling:
-        logp, _, ent = library.log_probs_fwd(logits, ids, float(temperature), return_entropy)
-    elif torch.is_grad_enabled() and logits.requires_grad:
-        logp, ent = _SelectiveLogProbs.apply(logits, ids, float(temperature), return_entropy)
-    else:
-        launch, logp, _, ent = L.log_probs_fwd(logits, ids, float(temperature), return_entropy)
-        launch.run()
+    # the custom op (eager and compiled alike); its backward writes the gradient from the saved lse
+    logp, _, ent = library.log_probs_fwd(logits, ids.to(torch.int64).contiguous(), float(temperature),
+                                         return_entropy)
     return (logp, ent) if return_entropy else logp
 
 
@@ -192,7 +164,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> Any:
-        _no_double_backward("grpo_loss")
+        library.no_double_backward("grpo_loss")
         if ctx.used:
             raise RuntimeError("grpo_loss's fused gradient can be back-propagated once; compute the loss again")
         ctx.used = True

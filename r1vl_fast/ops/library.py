@@ -1,10 +1,11 @@
 """The kernels as ``torch.library`` custom ops, so that ``torch.compile`` keeps a graph that calls them whole (no graph
 break) and AOTAutograd differentiates through them.
 
-Under ``torch.compile`` the ops run functionally: the forward keeps the logits, lse and the per-row coefficients,
-and the backward writes a new gradient buffer (``r1vl_fast::log_probs_bwd``), scaled by its upstream before it is
-rounded. In eager mode ``r1vl_fast.ops.fused`` calls the kernels directly, and writes the GRPO gradient during the
-forward, over the logits when asked: the path with one logits-sized buffer.
+The ops are functional: the forward keeps the logits, lse and the per-row coefficients, and the backward writes a
+new gradient buffer (``r1vl_fast::log_probs_bwd``), scaled by its upstream before it is rounded. Selective
+log-probs always run through them. The GRPO loss does under ``torch.compile``; in eager mode
+``r1vl_fast.ops.fused`` writes its gradient during the forward instead, over the logits when asked: the path with
+one logits-sized buffer.
 """
 
 from __future__ import annotations
@@ -61,7 +62,14 @@ def _log_probs_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Te
     ctx.temperature, ctx.entropy = temperature, entropy
 
 
+def no_double_backward(op: str) -> None:
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        raise RuntimeError(f"{op}'s gradient is computed by a kernel and cannot be differentiated again: "
+                           f"call backward without create_graph=True")
+
+
 def _log_probs_backward(ctx: Any, grad_logp: Tensor, grad_lse: Tensor, grad_ent: Tensor) -> tuple[Any, ...]:
+    no_double_backward("selective_log_probs")
     logits, ids, lse, ent = ctx.saved_tensors
     grad = log_probs_bwd(logits, ids, lse, ent, grad_logp, grad_ent if ctx.entropy else None, ctx.temperature)
     return grad, None, None, None
@@ -108,6 +116,7 @@ def _grpo_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -
 
 
 def _grpo_backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Any, ...]:
+    no_double_backward("grpo_loss")
     logits, ids, lse, coef = ctx.saved_tensors
     grad = log_probs_bwd(logits, ids, lse, lse, coef * grad_loss, None, ctx.temperature)
     return (grad,) + (None,) * 20
