@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 from r1vl_fast.rewards._verify_worker import read_message, write_message
 from r1vl_fast.rewards.key_steps import normalize
@@ -29,10 +30,16 @@ def same_answer(pred: str, gold: str) -> bool:
     return normalize(pred).rstrip(". ") == normalize(gold).rstrip(". ")
 
 
+# The worker runs from its file, not as ``-m r1vl_fast...``: it needs math-verify and the standard library only, and
+# must not import this package (from a source checkout that would find the checkout, without its compiled module).
+_WORKER = ("import runpy; runpy.run_path(" + repr(str(Path(__file__).with_name("_verify_worker.py")))
+           + ", run_name='__main__')")
+
+
 class _Worker:
     def __init__(self, stderr: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "r1vl_fast.rewards._verify_worker"],
+            [sys.executable, "-c", _WORKER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
