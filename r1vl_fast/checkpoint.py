@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -106,7 +107,26 @@ def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
     return path
 
 
+# What the trainer state holds beyond tensors and Python containers: numpy arrays (the NumPy RNG state, the rewards of
+# a rollout buffer kept for reuse). Nothing else may be unpickled: no callable, no class of anyone's choosing.
+_NUMPY_ARRAYS = [np.ndarray, np.dtype, (getattr(np, "_core", None) or np.core).multiarray._reconstruct,
+                 *(type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                               np.uint32, np.uint64, np.float16, np.float32, np.float64))]
+
+
+class UnsafeCheckpointError(ValueError):
+    """A trainer state that would need arbitrary objects (code) to load."""
+
+
 def load_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON state and the tensor state of a checkpoint. The tensor state is unpickled with ``weights_only``
+    (tensors, Python containers and numbers, and numpy arrays only): a checkpoint from elsewhere cannot run code."""
     state = json.loads((path / STATE_FILE).read_text())
-    tensors = torch.load(path / TENSORS_FILE, weights_only=False, map_location="cpu")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+            tensors = torch.load(path / TENSORS_FILE, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path / TENSORS_FILE}: refusing to load: it holds objects other than tensors, numbers, containers and "
+            f"numpy arrays, which could run code ({str(e).splitlines()[0][:300]})") from None
     return state, tensors

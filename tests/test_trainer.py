@@ -366,3 +366,23 @@ def test_config_precedence_preset_then_yaml_then_command_line(tmp_path: Path) ->
         _config(["--config", str(yaml_file)])
     with pytest.raises(SystemExit):
         _config(["--beta", "lots"])
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    """Resuming unpickles the trainer state with weights_only: a crafted checkpoint (shared by someone else) that
+    carries a callable is refused with a clear error, and its code never runs."""
+    from r1vl_fast.checkpoint import STATE_FILE, TENSORS_FILE, UnsafeCheckpointError, load_state
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # what pickle would call on load
+            return (os.system, (f"touch {marker}",))
+
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 1}))
+    torch.save({"optimizer": {}, "rng": Payload()}, checkpoint / TENSORS_FILE)
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
+        load_state(checkpoint)
+    assert not marker.exists()
