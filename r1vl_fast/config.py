@@ -282,6 +282,29 @@ def _parse_value(name: str, text: str, *, base: type, optional: bool) -> Any:
         raise argparse.ArgumentTypeError(f"--{name} expects {base.__name__}, got {text!r}") from None
 
 
+def _yaml_value(path: Path, f: dataclasses.Field, value: Any) -> Any:
+    """A ``--config`` value, parsed and checked as the same option on the command line: YAML's own types do not
+    slip through (``bf16: "false"`` is false, ``save_steps: 1.5`` and ``report_to: 5`` are errors, and
+    ``learning_rate: 1e-5``, a string to YAML, is a float)."""
+    base, optional = _unwrap(f.type)
+    if value is None:
+        text = "none"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (str, int, float)):
+        text = str(value)
+    else:
+        raise ValueError(f"{path}: option {f.name!r} expects {base.__name__}, got {type(value).__name__} {value!r}")
+    if base is str and not isinstance(value, str) and value is not None:
+        raise ValueError(f"{path}: option {f.name!r} expects a string, got {type(value).__name__} {value!r}")
+    if base is int and isinstance(value, float):
+        raise ValueError(f"{path}: option {f.name!r} expects int, got {value!r}")
+    try:
+        return _parse_value(f.name, text, base=base, optional=optional)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def build_parser(cls: type[RunConfig], prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=(cls.__doc__ or "").strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -312,10 +335,11 @@ def parse_config(cls: type[RunConfig], argv: list[str] | None, prog: str) -> Run
         from_yaml = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(from_yaml, dict):
             raise ValueError(f"{path}: expected a mapping of option: value, got {type(from_yaml).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in from_yaml:
-            if key not in names:
+            if key not in fields:
                 raise ValueError(f"{path}: unknown option {key!r}")
+        from_yaml = {key: _yaml_value(path, fields[key], value) for key, value in from_yaml.items()}
     preset = args.get("preset", from_yaml.get("preset"))
     given = set(args) | set(from_yaml)
     if preset is None and cls is GRPOTrainConfig and not given & {"dataset", "model_name_or_path"}:

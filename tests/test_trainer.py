@@ -386,3 +386,25 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
         load_state(checkpoint)
     assert not marker.exists()
+
+
+def test_yaml_values_are_parsed_and_checked_like_the_command_line(tmp_path: Path) -> None:
+    """PyYAML's own types do not slip through: quoted booleans are parsed, not truthy strings; `1e-5` (a string to
+    PyYAML) is a float; a wrong type names the file and the option."""
+    yaml_file = tmp_path / "run.yaml"
+
+    def load(text: str) -> GRPOTrainConfig:
+        yaml_file.write_text("model_name_or_path: m\ndataset: d\n" + text)
+        return _config(["--config", str(yaml_file), "--device", "cpu"])
+
+    config = load('skip_invalid: "no"\nbf16: "false"\nlearning_rate: 1e-5\nsave_steps: 3\nepsilon_high: null\n')
+    assert config.skip_invalid is False and config.bf16 is False
+    assert config.learning_rate == 1e-5 and isinstance(config.learning_rate, float) and config.save_steps == 3
+    assert load("bf16: true\nbeta: 0\n").bf16 is True
+    for text, message in (("report_to: 5\n", "'report_to' expects a string"),
+                          ("save_steps: 1.5\n", "'save_steps' expects int"),
+                          ("skip_invalid: maybe\n", "--skip_invalid expects true or false"),
+                          ("learning_rate: fast\n", "--learning_rate expects float"),
+                          ("max_steps: [1, 2]\n", "'max_steps' expects int, got list")):
+        with pytest.raises(ValueError, match=f"{yaml_file}: .*{message}"):
+            load(text)
