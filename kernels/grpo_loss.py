@@ -203,18 +203,21 @@ def grpo_loss_fwd_kernel(
                 ratio = tl.exp(logp - logp)  # on-policy: exactly 1, with the gradient of exp(logp − sg(logp))
             # c1 = min(ratio, delta) or ratio; c2 = clamp(ratio, 1 − eps_low, 1 + eps_high); both pass the
             # gradient ratio where they are not clamped (bounds inclusive, as torch.clamp).
+            # tl.minimum / tl.maximum drop a NaN operand; the ratio's NaN (a NaN or +inf logit in the row) must
+            # reach the loss, as it does in PyTorch.
+            finite = ratio == ratio
             c1 = ratio
             dc1 = ratio
             if has_delta != 0:
-                c1 = tl.minimum(ratio, delta)
+                c1 = tl.where(finite, tl.minimum(ratio, delta), ratio)
                 dc1 = tl.where(ratio <= delta, ratio, 0.0)
-            c2 = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+            c2 = tl.where(finite, tl.minimum(tl.maximum(ratio, clip_low), clip_high), ratio)
             dc2 = tl.where((ratio >= clip_low) & (ratio <= clip_high), ratio, 0.0)
             l1 = c1 * a
             l2 = c2 * a
             # torch.min's gradient: to the smaller side, split evenly on a tie (the on-policy case).
             w1 = tl.where(l1 < l2, 1.0, tl.where(l1 > l2, 0.0, 0.5))
-            loss = -tl.minimum(l1, l2)
+            loss = -tl.where(finite, tl.minimum(l1, l2), ratio)
             dloss = -a * (w1 * dc1 + (1.0 - w1) * dc2)
             if has_is != 0:
                 is_w = tl.load(is_ptr + row).to(tl.float32)

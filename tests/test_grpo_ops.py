@@ -444,3 +444,58 @@ def test_custom_op_registrations_pass_torch_library_opcheck():
     torch.library.opcheck(library.grpo_loss_fwd, (
         x, ids, weights, None, torch.tensor([1.0, 0.0, 0.5, 0.5]), None, old.float(), refl.float(), isw.float(),
         0.04, "k3", 0.2, 0.2, None, 1.0, 2, "group", 1e-4, True, 1.0, True))
+
+
+# ---------------------------------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_an_unmasked_nan_or_inf_logit_reaches_the_loss(impl):
+    """Both implementations propagate a NaN / +inf logit at a scored position into the loss, its log-prob and its
+    row's gradient (tl.minimum / tl.maximum would otherwise drop the NaN and return a finite loss)."""
+    for bad in (float("nan"), float("inf")):
+        logits, ids, mask, old, refl, _, adv = _case(170)
+        mask[0, 1] = True
+        logits[0, 1, 7] = bad
+        for cfg in (GRPOConfig(beta=0.0), GRPOConfig(beta=0.04, delta=1.5)):
+            x = logits.clone().requires_grad_()
+            loss, m = grpo_loss(x, ids, mask, adv.float(), cfg, old_logp=old.float(), ref_logp=refl.float(),
+                                impl=impl)
+            loss.backward()
+            assert torch.isnan(loss), (bad, cfg)
+            assert torch.isnan(m["logp"][0, 1])
+            assert torch.isnan(x.grad[0, 1]).any()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_masked_positions_are_never_read(impl):
+    """NaN logits and -100 ids where the mask is off change nothing: same loss and gradient as clean inputs, zero
+    gradient there, in both implementations."""
+    logits, ids, mask, old, refl, isw, adv = _case(180)
+    clean = grpo_loss(logits.double(), ids, mask, adv, GRPOConfig(beta=0.04), old_logp=old, ref_logp=refl,
+                      is_weights=isw, impl="torch")[0]
+    dirty, dirty_ids = logits.clone(), ids.clone()
+    dirty[~mask] = float("nan")
+    dirty_ids[~mask] = -100
+    dirty_old, dirty_ref = old.clone(), refl.clone()
+    dirty_old[~mask] = float("nan")
+    dirty_ref[~mask] = float("nan")
+    x = dirty.clone().requires_grad_()
+    loss, m = grpo_loss(x, dirty_ids, mask, adv.float(), GRPOConfig(beta=0.04), old_logp=dirty_old.float(),
+                        ref_logp=dirty_ref.float(), is_weights=isw.float(), return_entropy=True, impl=impl)
+    loss.backward()
+    assert loss.item() == pytest.approx(clean.item(), rel=1e-5)
+    assert torch.isfinite(x.grad).all() and torch.all(x.grad[~mask] == 0)
+    assert all(torch.isfinite(m[k]) for k in ("kl", "entropy", "clip_region"))
+
+
+def test_no_completion_tokens_still_gives_the_advantages():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2])
+    logits = torch.randn(4, 0, 11)
+    ids = torch.zeros(4, 0, dtype=torch.long)
+    mask = torch.zeros(4, 0, dtype=torch.bool)
+    want = group_advantages(rewards, 2)
+    for impl in ("triton", "torch"):
+        loss, m = grpo_loss(logits, ids, mask, config=GRPOConfig(group_size=2), rewards=rewards, impl=impl)
+        assert loss.item() == 0.0
+        torch.testing.assert_close(m["advantages"], want)

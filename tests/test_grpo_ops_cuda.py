@@ -159,3 +159,16 @@ def test_torch_compile_with_inductor_keeps_one_graph():
     assert loss.item() == pytest.approx(loss_eager.item(), rel=1e-4, abs=1e-6)
     assert kl.item() == pytest.approx(kl_eager.item(), rel=1e-4, abs=1e-6)
     assert (x.grad.float() - x_eager.grad.float()).abs().max() <= 1e-2 * x_eager.grad.float().abs().max()
+
+
+def test_an_unmasked_nan_logit_reaches_the_loss_on_gpu():
+    """PTX min/max drop a NaN operand (the interpreter's numpy does not): the kernel must still return NaN."""
+    logits, ids, mask, old, ref_logp, is_w, rewards = _case(2, 5, torch.bfloat16, seed=5)
+    mask[0, 1] = True
+    logits[0, 1, 7] = float("nan")
+    for config in (GRPOConfig(group_size=2), GRPOConfig(group_size=2, beta=0.04, delta=1.5)):
+        x = logits[:, :-1].clone().requires_grad_()
+        loss, m = grpo_loss(x, ids, mask, config=config, rewards=rewards, old_logp=old.float(),
+                            ref_logp=ref_logp.float(), impl="triton")
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(m["logp"][0, 1]) and torch.isnan(x.grad[0, 1].float()).any()

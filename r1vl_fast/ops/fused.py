@@ -301,6 +301,8 @@ def grpo_loss(
 
     if rewards is None:
         adv = advantages
+    elif batch * length == 0:  # no token row ran the kernel: the advantages still follow from the rewards
+        adv = _advantages(rewards, config.group_size or 1, config.adv_eps, config.adv_unbiased, config.scale_rewards)
     with torch.no_grad():
         m = mask.to(torch.float32)
         n = m.sum().clamp(min=1)

@@ -67,23 +67,29 @@ def grpo_loss(
     is_weights: torch.Tensor | None = None,
     num_items: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped, KL-regularised GRPO loss over [B, T] completion tokens (see ``r1vl_fast.ops.grpo_loss``)."""
+    """The clipped, KL-regularised GRPO loss over [B, T] completion tokens (see ``r1vl_fast.ops.grpo_loss``).
+
+    Masked positions are never read: their logits (NaN included) and ids (-100 padding included) do not reach the
+    loss, the metrics or the gradient, as in the kernel."""
+    keep = mask.bool()
+    logits = logits.masked_fill(~keep.unsqueeze(-1), 0.0)
+    ids = ids.masked_fill(~keep, 0)
     logp, entropy = selective_log_probs(logits, ids, temperature=config.temperature, return_entropy=True)
     m = mask.to(logp.dtype)
-    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
+    old = logp.detach() if old_logp is None else torch.where(keep, old_logp.to(logp.dtype), logp.detach())
     ratio = torch.exp(logp - old)
     coef_1 = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
     coef_2 = torch.clamp(ratio, 1 - config.eps_low, 1 + config.eps_high)
     a = advantages.to(logp.dtype).unsqueeze(1)
     per_token = -torch.min(coef_1 * a, coef_2 * a)
     if is_weights is not None:
-        per_token = per_token * is_weights.to(logp.dtype)
+        per_token = per_token * torch.where(keep, is_weights.to(logp.dtype), 0.0)
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
-        kl = per_token_kl(logp, ref_logp.to(logp.dtype), config.kl)
+        kl = per_token_kl(logp, torch.where(keep, ref_logp.to(logp.dtype), logp.detach()), config.kl)
         if config.beta != 0:
             per_token = per_token + config.beta * kl
-    loss = (per_token * token_weights(m, config, num_items)).sum()
+    loss = torch.where(keep, per_token * token_weights(m, config, num_items), 0.0).sum()
 
     with torch.no_grad():
         n = m.sum().clamp(min=1)
