@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from r1vl_fast.errors import ConfigError
 from r1vl_fast.ops.config import ADV_SCALES, IMPLS, KL_ESTIMATORS, LOSS_TYPES, GRPOConfig, resolve_impl
 from r1vl_fast.ops.importance import IS_MODES
 from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS
@@ -88,7 +89,7 @@ class RunConfig:
             self.bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
         if self.output_dir is None:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank must agree on one directory
-                raise ValueError("under torchrun, pass --output_dir")
+                raise ConfigError("under torchrun, pass --output_dir")
             kind = "demo" if self.is_demo and self.run_kind == "run" else self.run_kind
             self.output_dir = str(Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -97,22 +98,22 @@ class RunConfig:
                     "min_pixels", "max_pixels")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.min_pixels > self.max_pixels:
-            raise ValueError(f"--min_pixels ({self.min_pixels}) exceeds --max_pixels ({self.max_pixels})")
+            raise ConfigError(f"--min_pixels ({self.min_pixels}) exceeds --max_pixels ({self.max_pixels})")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"--max_steps must be >= 1, or -1 to use --num_train_epochs; got {self.max_steps}")
+            raise ConfigError(f"--max_steps must be >= 1, or -1 to use --num_train_epochs; got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate < 0:
-            raise ValueError(f"--learning_rate must be >= 0, got {self.learning_rate}")
+            raise ConfigError(f"--learning_rate must be >= 0, got {self.learning_rate}")
         for name in self.trackers:
             if name not in ("tensorboard", "wandb"):
-                raise ValueError(f"--report_to: unknown tracker {name!r} (tensorboard, wandb, none)")
+                raise ConfigError(f"--report_to: unknown tracker {name!r} (tensorboard, wandb, none)")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+                raise ConfigError(f"--{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
 
     @property
     def trackers(self) -> list[str]:
@@ -191,25 +192,26 @@ class GRPOTrainConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         if self.num_generations < 2:
-            raise ValueError(f"--num_generations must be >= 2 (advantages compare completions), "
+            raise ConfigError(f"--num_generations must be >= 2 (advantages compare completions), "
                              f"got {self.num_generations}")
         for name in ("max_prompt_length", "max_completion_length", "num_iterations", "log_completions_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if self.logprob_temperature is not None and not self.logprob_temperature > 0:
-            raise ValueError(f"--logprob_temperature must be > 0, got {self.logprob_temperature}")
+            raise ConfigError(f"--logprob_temperature must be > 0, got {self.logprob_temperature}")
         if self.beta < 0:
-            raise ValueError(f"--beta must be >= 0, got {self.beta}")
+            raise ConfigError(f"--beta must be >= 0, got {self.beta}")
         if self.eval_steps < 0:
-            raise ValueError(f"--eval_steps must be >= 0, got {self.eval_steps}")
+            raise ConfigError(f"--eval_steps must be >= 0, got {self.eval_steps}")
         if self.eval_steps > 0 and self.eval_dataset is None:
-            raise ValueError("--eval_steps needs --eval_dataset (the held-out rows to score)")
+            raise ConfigError("--eval_steps needs --eval_dataset (the held-out rows to score)")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+            raise ConfigError(f"--vllm_gpu_memory_utilization must be in (0, 1], "
+                              f"got {self.vllm_gpu_memory_utilization}")
         if not self.vllm_importance_sampling_cap > 0:
-            raise ValueError(f"--vllm_importance_sampling_cap must be > 0, got {self.vllm_importance_sampling_cap}")
+            raise ConfigError(f"--vllm_importance_sampling_cap must be > 0, got {self.vllm_importance_sampling_cap}")
 
 
 @dataclass
@@ -294,15 +296,15 @@ def _yaml_value(path: Path, f: dataclasses.Field, value: Any) -> Any:
     elif isinstance(value, (str, int, float)):
         text = str(value)
     else:
-        raise ValueError(f"{path}: option {f.name!r} expects {base.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{path}: option {f.name!r} expects {base.__name__}, got {type(value).__name__} {value!r}")
     if base is str and not isinstance(value, str) and value is not None:
-        raise ValueError(f"{path}: option {f.name!r} expects a string, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{path}: option {f.name!r} expects a string, got {type(value).__name__} {value!r}")
     if base is int and isinstance(value, float):
-        raise ValueError(f"{path}: option {f.name!r} expects int, got {value!r}")
+        raise ConfigError(f"{path}: option {f.name!r} expects int, got {value!r}")
     try:
         return _parse_value(f.name, text, base=base, optional=optional)
     except argparse.ArgumentTypeError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def build_parser(cls: type[RunConfig], prog: str) -> argparse.ArgumentParser:
@@ -334,11 +336,11 @@ def parse_config(cls: type[RunConfig], argv: list[str] | None, prog: str) -> Run
             raise FileNotFoundError(f"--config: no such file {path}")
         from_yaml = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(from_yaml, dict):
-            raise ValueError(f"{path}: expected a mapping of option: value, got {type(from_yaml).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of option: value, got {type(from_yaml).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in from_yaml:
             if key not in fields:
-                raise ValueError(f"{path}: unknown option {key!r}")
+                raise ConfigError(f"{path}: unknown option {key!r}")
         from_yaml = {key: _yaml_value(path, fields[key], value) for key, value in from_yaml.items()}
     preset = args.get("preset", from_yaml.get("preset"))
     given = set(args) | set(from_yaml)
@@ -347,7 +349,7 @@ def parse_config(cls: type[RunConfig], argv: list[str] | None, prog: str) -> Run
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
+            raise ConfigError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
         values.update(PRESETS[preset].get(cls, {}), preset=preset)
     values.update(from_yaml)
     values.update(args)

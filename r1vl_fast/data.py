@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
+from r1vl_fast.errors import reports_user_errors
 from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS, Processing, PromptInputs
 
 log = logging.getLogger("r1vl_fast")
@@ -342,6 +343,7 @@ def check_dataset(path: str | Path, processing: Processing, *, kind: str = "auto
     }
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from r1vl_fast.data import DataError, image_path, read_rows
+from r1vl_fast.errors import reports_user_errors
 from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS, Processing
 from r1vl_fast.rewards import MathVerifier, final_answer, match_key_steps, step_rvr
 from r1vl_fast.rewards.answers import default_verifier, same_answer
@@ -144,6 +145,7 @@ def evaluate_file(model_path: str, dataset: str | Path, output_dir: str | Path, 
     return summary
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r1vl_fast.eval", description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import sys
 
 from r1vl_fast.config import SFTConfig, parse_config
+from r1vl_fast.errors import reports_user_errors
 from r1vl_fast.recipes import run_sft
 from r1vl_fast.runner import setup_logging
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(SFTConfig, argv, "python -m r1vl_fast.sft")

@@ -10,10 +10,12 @@ import sys
 
 from r1vl_fast.config import GRPOTrainConfig, parse_config
 from r1vl_fast.demo.run import run_demo
+from r1vl_fast.errors import reports_user_errors
 from r1vl_fast.recipes import run_grpo
 from r1vl_fast.runner import setup_logging
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(GRPOTrainConfig, argv, "python -m r1vl_fast.train")

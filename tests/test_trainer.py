@@ -408,3 +408,28 @@ def test_yaml_values_are_parsed_and_checked_like_the_command_line(tmp_path: Path
                           ("max_steps: [1, 2]\n", "'max_steps' expects int, got list")):
         with pytest.raises(ValueError, match=f"{yaml_file}: .*{message}"):
             load(text)
+
+
+def test_user_errors_print_one_line_and_exit_2(tiny: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad file or option value is `error: <message>` on stderr and exit code 2, without a traceback, in every
+    command line; real bugs keep theirs."""
+    from r1vl_fast.data import main as data_main
+    from r1vl_fast.eval import main as eval_main
+    from r1vl_fast.sft import main as sft_main
+
+    missing = tmp_path / "missing.jsonl"
+    calls = [
+        (train_main, _args(tiny, tmp_path / "a", dataset=missing), f"{missing}: no such dataset file"),
+        (train_main, _args(tiny, tmp_path / "b", num_generations=1), "--num_generations must be >= 2"),
+        (sft_main, ["--model_name_or_path", str(tiny["model"]), "--dataset", str(missing), "--output_dir",
+                    str(tmp_path / "c"), "--device", "cpu", "--report_to", "none"], "no such dataset file"),
+        (eval_main, ["--model_name_or_path", str(tiny["model"]), "--dataset", str(missing), "--output_dir",
+                     str(tmp_path / "d")], "no such dataset file"),
+        (data_main, ["check", str(missing)], "no such dataset file"),
+    ]
+    for main, argv, message in calls:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("error: ") and message in err.strip().splitlines()[-1]
