@@ -88,10 +88,14 @@ class RunConfig:
         if self.bf16 is None:
             self.bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
         if self.output_dir is None:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank must agree on one directory
-                raise ConfigError("under torchrun, pass --output_dir")
             kind = "demo" if self.is_demo and self.run_kind == "run" else self.run_kind
-            self.output_dir = str(Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank must agree on one directory
+                run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+                if run_id == "none":  # torchrun without --standalone or --rdzv_id
+                    raise ConfigError("under torchrun, pass --output_dir (or launch with torchrun --standalone)")
+                stamp = run_id  # the same on every rank
+            self.output_dir = str(Path("runs") / f"{kind}-{stamp}")
 
     def validate(self) -> None:
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps",

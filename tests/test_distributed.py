@@ -87,3 +87,19 @@ def test_two_rank_run_resumes_exactly(tiny: dict[str, Path], runs: dict[str, Pat
     assert [m["step"] for m in out] == [2, 3]
     for x, y in zip(out, reference[1:]):
         assert {k: x[k] for k in KEYS} == {k: y[k] for k in KEYS}
+
+
+def test_the_demo_runs_under_torchrun_as_the_readme_says(tmp_path: Path) -> None:
+    """`torchrun --standalone --nproc_per_node 2 -m r1vl_fast.train` (the demo, no --output_dir): every rank trains
+    into one directory named after the launch; rank 0 alone writes the data, the evaluation and the summary."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "r1vl_fast.train", "--max_steps", "2", "--sft_steps", "2", "--report_to", "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    runs = list((tmp_path / "runs").glob("demo-*"))
+    assert len(runs) == 1, runs
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert set(summary["before_rl"]) >= {"reward", "accuracy", "validity", "key_step_recall"}
+    assert proc.stdout.count("demo summary") == 1  # printed once, by rank 0
+    assert [json.loads(line)["step"] for line in (runs[0] / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -13,6 +13,7 @@ from r1vl_fast.checkpoint import latest_checkpoint
 from r1vl_fast.config import PRESETS, GRPOTrainConfig, SFTConfig
 from r1vl_fast.demo.models import build_demo_model, demo_processing
 from r1vl_fast.demo.shapes import write_demo_data
+from r1vl_fast.distributed import barrier, init_world
 from r1vl_fast.recipes import run_grpo, run_sft
 from r1vl_fast.tracking import read_metrics
 
@@ -22,20 +23,24 @@ DEMO_ROWS = {"train": 512, "sft": 512, "eval": 64}
 
 
 def run_demo(config: GRPOTrainConfig) -> dict[str, dict[str, float]]:
+    """The whole demo; under torchrun every rank trains, rank 0 alone writes the data, the evaluation and the
+    summary (and returns it; other ranks return an empty dict)."""
     assert config.output_dir is not None  # resolved: runs/demo-<time> by default
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log.info("demo: writing everything to %s", output_dir)
+    world = init_world(config.device)
     data = output_dir / "data"
-    if not (data / "eval.jsonl").is_file():
-        write_demo_data(data, **DEMO_ROWS, seed=config.seed)
     paths = {name: data / f"{name}.jsonl" for name in ("rl", "sft", "eval")}
-
     init = output_dir / "init"
-    if not (init / "config.json").is_file():
-        processing = demo_processing(config.min_pixels, config.max_pixels)
-        build_demo_model(processing, config.seed).save_pretrained(init)
-        processing.save_pretrained(init)
+    if world.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        log.info("demo: writing everything to %s", output_dir)
+        if not (data / "eval.jsonl").is_file():
+            write_demo_data(data, **DEMO_ROWS, seed=config.seed)
+        if not (init / "config.json").is_file():
+            processing = demo_processing(config.min_pixels, config.max_pixels)
+            build_demo_model(processing, config.seed).save_pretrained(init)
+            processing.save_pretrained(init)
+    barrier(world)  # the other ranks read what rank 0 wrote
 
     sft_dir = output_dir / "sft"
     sft_done = latest_checkpoint(sft_dir)
@@ -50,6 +55,8 @@ def run_demo(config: GRPOTrainConfig) -> dict[str, dict[str, float]]:
     rl_config = dataclasses.replace(config, model_name_or_path=str(sft_done), dataset=str(paths["rl"]),
                                     eval_dataset=str(paths["eval"]), output_dir=str(output_dir), preset=None)
     final = run_grpo(rl_config)
+    if not world.main:  # rank 0 evaluates the final policy and writes eval.json after the other ranks are done
+        return {}
     evaluation = json.loads((output_dir / "eval.json").read_text())
     before, after = evaluation["before"], evaluation["after"]
 
