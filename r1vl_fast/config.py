@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import time
 import types
@@ -98,6 +99,10 @@ class RunConfig:
             self.output_dir = str(Path("runs") / f"{kind}-{stamp}")
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} must be a finite number, got {value}")
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps",
                     "min_pixels", "max_pixels")
         for name in positive:

@@ -12,11 +12,15 @@ class ConfigError(ValueError):
     """An option's value is invalid; the message names the option (and the --config file, for a YAML value)."""
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged: several updates in a row had a non-finite loss or gradient, or the weights did."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from r1vl_fast.checkpoint import UnsafeCheckpointError
     from r1vl_fast.data import DataError
 
-    return ConfigError, DataError, UnsafeCheckpointError, FileNotFoundError
+    return ConfigError, DataError, UnsafeCheckpointError, FileNotFoundError, NonFiniteError
 
 
 def reports_user_errors(main: Callable[..., int]) -> Callable[..., int]:

@@ -21,6 +21,7 @@ import torch
 from r1vl_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint, set_rng_state
 from r1vl_fast.config import RunConfig, to_dict
 from r1vl_fast.distributed import World, all_sum, barrier, full_model_state, init_world, unwrap, wrap
+from r1vl_fast.errors import NonFiniteError
 from r1vl_fast.modeling import load_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.tracking import RunLog
@@ -161,6 +162,11 @@ def run_loop(trainer: Trainer, config: RunConfig, output_dir: Path, processing: 
         state, tensors = trainer.state()  # collectives under FSDP2: every rank takes part
         model_state = full_model_state(trainer.policy)
         path = output_dir / f"checkpoint-{trainer.step_idx}"
+        weights = model_state if model_state is not None else unwrap(trainer.policy).state_dict()
+        bad = [k for k, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if all_sum(float(bool(bad)), world) > 0:  # every rank stops, none waits for a save that will not come
+            raise NonFiniteError(f"the weights hold non-finite values ({', '.join(bad[:3]) or 'on another rank'}); "
+                                 f"checkpoint-{trainer.step_idx} is not written, the previous checkpoints are kept")
         if world.main:
             path = save_checkpoint(output_dir, trainer.step_idx, model=unwrap(trainer.policy), processing=processing,
                                    state=state, tensors=tensors, save_total_limit=config.save_total_limit,

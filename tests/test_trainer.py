@@ -433,3 +433,37 @@ def test_user_errors_print_one_line_and_exit_2(tiny: dict[str, Path], tmp_path: 
         err = capsys.readouterr().err
         assert "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith("error: ") and message in err.strip().splitlines()[-1]
+
+
+def test_non_finite_values_never_train_on(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Non-finite options are refused at parse time; a non-finite gradient norm skips the update (logged and
+    counted), three in a row stop the run; weights that are not finite are never saved."""
+    from transformers import AutoModelForImageTextToText
+
+    from r1vl_fast.errors import ConfigError, NonFiniteError
+
+    for option, value in (("learning_rate", "inf"), ("beta", "nan"), ("max_grad_norm", "nan")):
+        with pytest.raises(ConfigError, match=f"--{option} must be a finite number"):
+            _config(_args(tiny, tmp_path / "x", **{option: value}))
+
+    # a learning rate of 1e30 sends the weights to ~1e30 after step 1: every later forward overflows
+    diverged = tmp_path / "diverged"
+    with pytest.raises(NonFiniteError, match="3 steps in a row ended with a non-finite loss or gradient norm"):
+        run_grpo(_config(_args(tiny, diverged, learning_rate=1e30, max_steps=8, save_steps=1)))
+    metrics = _metrics(diverged)
+    assert [m["skipped"] for m in metrics] == [0.0, 1.0, 1.0]  # the third skip raised before it was logged
+    assert metrics[-1]["skipped_total"] == 2.0
+    last = latest_checkpoint(diverged)  # skipped updates left the weights finite: those checkpoints are good
+    assert last is not None and last.name == "checkpoint-3"
+
+    # a model whose weights are NaN: its one step is skipped, and its final save is refused
+    broken = tmp_path / "broken-model"
+    model = AutoModelForImageTextToText.from_pretrained(tiny["model"])
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    model.save_pretrained(broken)
+    Processing.from_pretrained(str(tiny["model"])).save_pretrained(broken)
+    out = tmp_path / "nan-run"
+    with pytest.raises(NonFiniteError, match="checkpoint-1 is not written"):
+        run_grpo(_config(_args(tiny, out, model_name_or_path=broken, max_steps=1)))
+    assert latest_checkpoint(out) is None and not (out / "checkpoint-1").exists()
