@@ -18,14 +18,10 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from r1vl_fast.errors import reports_user_errors
+from r1vl_fast.errors import DataError, reports_user_errors
 from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS, Processing, PromptInputs
 
 log = logging.getLogger("r1vl_fast")
-
-
-class DataError(ValueError):
-    """A dataset row that cannot be used; the message names the file, line, sample index and field."""
 
 
 class TooLongError(DataError):

@@ -8,6 +8,10 @@ import sys
 from collections.abc import Callable
 
 
+class DataError(ValueError):
+    """A dataset row that cannot be used; the message names the file, line, sample index and field."""
+
+
 class ConfigError(ValueError):
     """An option's value is invalid; the message names the option (and the --config file, for a YAML value)."""
 
@@ -18,7 +22,6 @@ class NonFiniteError(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from r1vl_fast.checkpoint import UnsafeCheckpointError
-    from r1vl_fast.data import DataError
 
     return ConfigError, DataError, UnsafeCheckpointError, FileNotFoundError, NonFiniteError
 
