@@ -4,9 +4,9 @@ Each op checks its inputs (errors name the argument), then runs the Triton kerne
 (``impl="triton"``, launched through ``r1vl_fast.ops.launch``) or the plain-PyTorch twin of
 ``r1vl_fast.ops.reference`` (``impl="torch"``); ``"auto"`` is resolved by :func:`r1vl_fast.ops.config.resolve_impl`
 (Triton on CUDA tensors, PyTorch otherwise). With ``validate=False`` the checks that read tensor values (id range,
-mask values, finite rewards), and so wait for the device, are skipped: the trainer validates its rollouts once, on
-the CPU. Under ``torch.compile`` they are skipped too (they would break the graph), and the kernels run as the
-custom ops of ``r1vl_fast.ops.library``.
+mask values, finite rewards), and so wait for the device, are skipped: the trainer's ids, masks and rewards come
+from its own sampler and reward code. Under ``torch.compile`` they are skipped too (they would break the graph),
+and the kernels run as the custom ops of ``r1vl_fast.ops.library``.
 """
 
 from __future__ import annotations
@@ -126,6 +126,15 @@ def _check_group(rewards: torch.Tensor, group_size: int, unbiased: bool, scale: 
 # ---------------------------------------------------------------------------------------- the GRPO loss
 
 
+def _finish_gradient(grad: torch.Tensor, logits: torch.Tensor, length: int) -> None:
+    """Zero the positions past the completion (they predict nothing); when the gradient was written over the
+    logits, bump their version so that anything else that saved them fails loudly."""
+    if grad.shape[1] > length:
+        grad[:, length:].zero_()
+    if grad is logits:
+        torch.autograd.graph.increment_version(logits)
+
+
 class _FusedGRPOLoss(torch.autograd.Function):
     """The loss and its logits gradient in one kernel pass over the vocabulary.
 
@@ -148,10 +157,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
                                  entropy=kw["entropy"], grad=grad)
         launch.run()
         if grad is not None:
-            if logits.shape[1] > length:
-                grad[:, length:].zero_()  # the position after the last completion token predicts nothing
-            if grad is logits:
-                torch.autograd.graph.increment_version(logits)  # anything else that saved the logits now fails loudly
+            _finish_gradient(grad, logits, length)
             ctx.save_for_backward(grad)
         else:
             ctx.save_for_backward(logits, ids, out.lse, out.coef)
@@ -176,10 +182,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         logits, ids, lse, coef = ctx.saved_tensors
         grad = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         L.log_probs_bwd(logits, ids, ctx.temperature, lse, lse, (coef * g).contiguous(), None, grad).run()
-        if logits.shape[1] > ctx.length:
-            grad[:, ctx.length:].zero_()
-        if grad is logits:
-            torch.autograd.graph.increment_version(logits)
+        _finish_gradient(grad, logits, ctx.length)
         return grad, None
 
 
@@ -237,6 +240,8 @@ def grpo_loss(
     _check_bt("mask", mask, batch, length, device)
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("is_weights", is_weights)):
         _check_bt(name, x, batch, length, device)
+    compiling = torch.compiler.is_compiling()
+    validate = validate and not compiling  # value checks would break a compiled graph
     if (advantages is None) == (rewards is None):
         raise ValueError("pass exactly one of advantages= [B] or rewards= [B] (with config.group_size)")
     if advantages is not None and (not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (batch,)):
@@ -246,11 +251,8 @@ def grpo_loss(
             raise ValueError("rewards= needs config.group_size (the number of completions per prompt)")
         if tuple(rewards.shape) != (batch,):
             raise ValueError(f"rewards must have shape [B] = [{batch}], got {tuple(rewards.shape)}")
-        _check_group(rewards, config.group_size, config.adv_unbiased, config.scale_rewards,
-                     validate=validate and not torch.compiler.is_compiling())
+        _check_group(rewards, config.group_size, config.adv_unbiased, config.scale_rewards, validate=validate)
     _check_id_dtype(ids)
-    compiling = torch.compiler.is_compiling()
-    validate = validate and not compiling
     if validate:
         if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("mask must be bool or hold only 0 and 1")
@@ -282,22 +284,17 @@ def grpo_loss(
         is_weights=f32(is_weights), config=config, loss_scale=float(loss_scale), entropy=return_entropy,
         grad_inplace=grad_inplace,
     )
-    if compiling:  # functional custom ops: the backward writes a new gradient buffer (grad_inplace does not apply)
+    if compiling or not (torch.is_grad_enabled() and logits.requires_grad):
+        # the functional custom op: without grad, one read of the logits; under torch.compile its backward writes a
+        # new gradient buffer (grad_inplace does not apply)
         rows, logp, kl_tok, flags, ent, _, _, adv = library.grpo_loss_fwd(
             logits, kw["ids"], kw["weights"], kw["advantages"], kw["rewards"], batch_std, kw["old_logp"],
             kw["ref_logp"], kw["is_weights"], config.beta, config.kl, config.eps_low, config.eps_high, config.delta,
-            config.temperature, config.group_size or 1, config.scale_rewards, config.adv_eps, config.adv_unbiased,
+            config.temperature, config.group_size, config.scale_rewards, config.adv_eps, config.adv_unbiased,
             kw["loss_scale"], return_entropy)
         loss = rows.sum()
-    elif torch.is_grad_enabled() and logits.requires_grad:
-        loss, logp, kl_tok, flags, ent, adv = _FusedGRPOLoss.apply(logits, kw)
     else:
-        launch, out = L.grpo_fwd(logits, kw["ids"], kw["weights"], config, advantages=kw["advantages"],
-                                 rewards=kw["rewards"], batch_std=batch_std, old_logp=kw["old_logp"],
-                                 ref_logp=kw["ref_logp"], is_weights=kw["is_weights"], loss_scale=kw["loss_scale"],
-                                 entropy=return_entropy, grad=None)
-        launch.run()
-        loss, logp, kl_tok, flags, ent, adv = out.loss.sum(), out.logp, out.kl, out.flags, out.entropy, out.advantages
+        loss, logp, kl_tok, flags, ent, adv = _FusedGRPOLoss.apply(logits, kw)
 
     if rewards is None:
         adv = advantages

@@ -3,9 +3,9 @@ break) and AOTAutograd differentiates through them.
 
 The ops are functional: the forward keeps the logits, lse and the per-row coefficients, and the backward writes a
 new gradient buffer (``r1vl_fast::log_probs_bwd``), scaled by its upstream before it is rounded. Selective
-log-probs always run through them. The GRPO loss does under ``torch.compile``; in eager mode
-``r1vl_fast.ops.fused`` writes its gradient during the forward instead, over the logits when asked: the path with
-one logits-sized buffer.
+log-probs always run through them, and so does the GRPO loss without grad and under ``torch.compile``. A
+differentiable GRPO loss in eager mode (``r1vl_fast.ops.fused``) writes its gradient during the forward instead,
+over the logits when asked: the path with one logits-sized buffer.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ torch.library.register_autograd("r1vl_fast::log_probs_fwd", _log_probs_backward,
 def grpo_loss_fwd(logits: Tensor, ids: Tensor, weights: Tensor, advantages: Tensor | None, rewards: Tensor | None,
                   batch_std: Tensor | None, old_logp: Tensor | None, ref_logp: Tensor | None,
                   is_weights: Tensor | None, beta: float, kl: str, eps_low: float, eps_high: float,
-                  delta: float | None, temperature: float, group_size: int, scale_rewards: str, adv_eps: float,
+                  delta: float | None, temperature: float, group_size: int | None, scale_rewards: str, adv_eps: float,
                   adv_unbiased: bool, loss_scale: float, entropy: bool) -> GRPORows:
     """Per-row (loss, logp, kl, flags, entropy, lse2, coef) and the advantages, as the fused kernel computes them,
     without writing any gradient (the backward writes it from lse and coef)."""
@@ -100,7 +100,7 @@ def grpo_loss_fwd(logits: Tensor, ids: Tensor, weights: Tensor, advantages: Tens
 def _(logits: Tensor, ids: Tensor, weights: Tensor, advantages: Tensor | None, rewards: Tensor | None,
       batch_std: Tensor | None, old_logp: Tensor | None, ref_logp: Tensor | None, is_weights: Tensor | None,
       beta: float, kl: str, eps_low: float, eps_high: float, delta: float | None, temperature: float,
-      group_size: int, scale_rewards: str, adv_eps: float, adv_unbiased: bool, loss_scale: float,
+      group_size: int | None, scale_rewards: str, adv_eps: float, adv_unbiased: bool, loss_scale: float,
       entropy: bool) -> GRPORows:
     rows = logits.new_empty(ids.shape, dtype=torch.float32)
     return (rows, torch.empty_like(rows), torch.empty_like(rows), logits.new_empty(ids.shape, dtype=torch.int8),
