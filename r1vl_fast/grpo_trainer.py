@@ -37,7 +37,6 @@ class RolloutBatch:
     completion_mask: torch.Tensor
     texts: list[str]
     rewards: RewardBreakdown
-    reward_totals: torch.Tensor  # [B] fp32 on the training device: what the loss normalises into advantages
     advantages: torch.Tensor | None  # [B], as the loss computed them (after the first update of this batch)
     old_logp: torch.Tensor | None
     ref_logp: torch.Tensor | None
@@ -121,8 +120,7 @@ class StepGRPOTrainer(TrainerBase):
         if self.reference is not None:
             ref_logp = completion_log_probs(self.reference, inputs, ids, self.loss_config.temperature, self.impl)
         times["time/logprobs"] += time.perf_counter() - start
-        totals = torch.from_numpy(rewards.total).to(self.device, torch.float32)
-        return RolloutBatch(completion_sample_ids, inputs, ids, mask, rollouts.texts, rewards, totals, None,
+        return RolloutBatch(completion_sample_ids, inputs, ids, mask, rollouts.texts, rewards, None,
                             old_logp, ref_logp, rollouts.finish_reasons, is_weights, stats)
 
     def update(self, buffer: list[RolloutBatch]) -> dict[str, float]:
@@ -139,7 +137,8 @@ class StepGRPOTrainer(TrainerBase):
         for mb in buffer:
             logits = completion_logits(self.policy, mb.inputs, mb.completion_ids.shape[1])
             loss, m = grpo_loss(logits, mb.completion_ids, mb.completion_mask, config=self.loss_config,
-                                rewards=mb.reward_totals, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                                rewards=torch.from_numpy(mb.rewards.total).to(self.device, torch.float32),
+                                old_logp=mb.old_logp, ref_logp=mb.ref_logp,
                                 is_weights=mb.is_weights, loss_scale=1.0 / len(buffer), last_position_unused=True,
                                 grad_inplace=True, validate=False, impl=self.impl)
             loss.backward()
