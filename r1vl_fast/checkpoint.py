@@ -8,6 +8,7 @@ a save therefore never leaves a checkpoint that looks complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -58,17 +59,43 @@ def save_checkpoint(
     tmp = output_dir / f".tmp-checkpoint-{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
-    processing.save_pretrained(tmp)
-    torch.save({**tensors, "rng": rng_state()}, tmp / TENSORS_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
+        processing.save_pretrained(tmp)
+        torch.save({**tensors, "rng": rng_state()}, tmp / TENSORS_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
+        _fsync_tree(tmp)
+    except Exception as e:  # a full disk is OSError (open), RuntimeError (torch.save), SafetensorError (weights)
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = _write_failure(output_dir, final, e)
+        if message is None:  # not a write failure: a bug, with its traceback
+            raise
+        raise CheckpointWriteError(message) from e
     if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _prune(output_dir, save_total_limit)
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, quota, I/O error); its partial directory is removed and the
+    previous checkpoints are kept."""
+
+
+def _write_failure(output_dir: Path, final: Path, error: BaseException) -> str | None:
+    """What to tell the user when writing ``final`` failed with ``error`` (None: not a write failure)."""
+    free = shutil.disk_usage(output_dir).free if output_dir.is_dir() else None
+    full = ((isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT))
+            or "No space left" in str(error) or (free is not None and free < 64 * 2**20))
+    kept = latest_checkpoint(output_dir)
+    after = f"; the previous checkpoint {kept.name} is kept" if kept is not None else ""
+    if full:
+        return f"no space left on {output_dir}: {final.name} is not written (its partial files are removed){after}"
+    if isinstance(error, (OSError, RuntimeError)) or "I/O error" in str(error):
+        return f"could not write {final} ({error}); its partial files are removed{after}"
+    return None
 
 
 def _complete(output_dir: Path) -> list[tuple[int, Path]]:

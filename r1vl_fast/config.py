@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import logging
 import math
 import os
+import re
 import time
 import types
 import typing
@@ -30,6 +32,8 @@ from r1vl_fast.ops.importance import IS_MODES
 from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS
 from r1vl_fast.rewards.step_rar import PRESETS as REWARD_PRESETS
 from r1vl_fast.rollout import ENGINES, default_sleep_mode, resolve_engine
+
+log = logging.getLogger("r1vl_fast")
 
 PRESET_NAMES = ("demo", "r1vl-2b", "r1vl-7b")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -73,6 +77,8 @@ class RunConfig:
     max_pixels: int = _opt(MAX_PIXELS, "Largest image area after resizing (pixels).")
     skip_invalid: bool = _opt(False, "Skip (and count) invalid rows and over-long prompts instead of stopping.")
     resume_from_checkpoint: str | None = _opt(None, "A checkpoint directory, or 'latest' in --output_dir.")
+    overwrite_output_dir: bool = _opt(False, "Replace the checkpoints and logs of another run in --output_dir "
+                                             "(without it, a new run refuses such a directory).")
     device: str = _opt("auto", "Training device: auto (cuda if present), cuda, cpu.", DEVICES)
     fsdp: bool = _opt(False, "Under torchrun, shard the policy (and reference) with FSDP2 per decoder layer and the "
                              "vision tower, instead of DDP replicas.")
@@ -99,15 +105,34 @@ class RunConfig:
             self.output_dir = str(Path("runs") / f"{kind}-{stamp}")
 
     def validate(self) -> None:
+        """Every check that needs no model and no data, so that a bad option fails before anything is loaded or
+        written."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{f.name} must be a finite number, got {value}")
+        if not self.is_demo:
+            if self.model_name_or_path is None or self.dataset is None:
+                raise ConfigError("--model_name_or_path and --dataset are both needed"
+                                  + (" (or neither, for the demo)" if self.run_kind == "run" else ""))
+            check_model_path(self.model_name_or_path)
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps",
                     "min_pixels", "max_pixels")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"--save_total_limit must be >= 1 (or unset: keep all), got {self.save_total_limit}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not self.num_train_epochs > 0:
+            raise ConfigError(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.fsdp and "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+            raise ConfigError("--fsdp shards the model over torchrun's processes: launch with torchrun "
+                              "(e.g. torchrun --nproc_per_node 2 -m r1vl_fast.train ...)")
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"--min_pixels ({self.min_pixels}) exceeds --max_pixels ({self.max_pixels})")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -200,6 +225,12 @@ class GRPOTrainConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.sft_steps < 1:
+            raise ConfigError(f"--sft_steps must be >= 1, got {self.sft_steps}")
         if self.num_generations < 2:
             raise ConfigError(f"--num_generations must be >= 2 (advantages compare completions), "
                              f"got {self.num_generations}")
@@ -221,6 +252,15 @@ class GRPOTrainConfig(RunConfig):
                               f"got {self.vllm_gpu_memory_utilization}")
         if not self.vllm_importance_sampling_cap > 0:
             raise ConfigError(f"--vllm_importance_sampling_cap must be > 0, got {self.vllm_importance_sampling_cap}")
+        try:
+            self.loss_config()  # the loss's own checks (clip ranges, delta, ...), named as options
+        except ValueError as e:
+            names = {"eps_low": "--epsilon", "eps_high": "--epsilon_high", "delta": "--delta", "beta": "--beta",
+                     "temperature": "--logprob_temperature", "kl": "--kl_estimator"}
+            message = str(e)
+            for name, option in names.items():
+                message = re.sub(rf"\b{name}\b", option, message)
+            raise ConfigError(message) from None
 
 
 @dataclass
@@ -265,6 +305,19 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {  # keyed by PRESET_NAMES
         ),
     },
 }
+
+
+def check_model_path(name: str, option: str = "--model_name_or_path") -> None:
+    """A local model directory that exists, or a hub id (``org/name``); anything else is a path that does not
+    exist, said so before transformers turns it into a hub error."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{option} {name}: not a model directory (a save_pretrained folder)")
+        return
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None and ".." not in name
+    if not hub_id or name.startswith((".", "~")):
+        raise ConfigError(f"{option} {name}: the path does not exist")
 
 
 def _unwrap(annotation: Any) -> tuple[type, bool]:
@@ -362,8 +415,16 @@ def parse_config(cls: type[RunConfig], argv: list[str] | None, prog: str) -> Run
         values.update(PRESETS[preset].get(cls, {}), preset=preset)
     values.update(from_yaml)
     values.update(args)
+    if values.get("resume_from_checkpoint") == "latest" and "output_dir" not in given:
+        raise ConfigError("--resume_from_checkpoint latest needs the --output_dir of the run to continue")
+    if "sft_steps" in given and preset != "demo":
+        raise ConfigError("--sft_steps sets the demo's SFT warm-up; for a real run, warm up with "
+                          "python -m r1vl_fast.sft and pass its checkpoint as --model_name_or_path")
     config = cls(**values)
     config.validate()
+    if isinstance(config, GRPOTrainConfig) and "kl_estimator" in given and config.beta == 0:
+        log.warning("--kl_estimator %s has no effect with --beta 0 (no KL term, no reference model)",
+                    config.kl_estimator)
     return config
 
 

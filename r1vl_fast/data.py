@@ -30,27 +30,47 @@ class TooLongError(DataError):
 
 @dataclass
 class Row:
-    """One parsed record and where it came from."""
+    """One parsed record and where it came from; ``error`` says why a JSONL line could not be read (the row is then
+    reported like any other invalid row, or skipped with ``skip_invalid``)."""
 
     data: Any
     file: Path
     line: int
     index: int
+    error: str | None = None
 
     def where(self) -> str:
         return f"{self.file}:{self.line}: sample {self.index}"
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """Records of a JSON array or JSONL file, each with its line number."""
+_BOM = b"\xef\xbb\xbf"
+
+
+def _not_utf8(path: Path, data: bytes, error: UnicodeDecodeError, line: int | None = None) -> str:
+    line = line if line is not None else data.count(b"\n", 0, error.start) + 1
+    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+    return f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column})"
+
+
+def read_rows(path: str | Path, *, keep_invalid: bool = False) -> list[Row]:
+    """Records of a JSON array or JSONL file (UTF-8, with or without a BOM), each with its line number.
+
+    A JSONL line that is not valid JSON or not UTF-8 raises a :class:`DataError` naming its line, or, with
+    ``keep_invalid``, comes back as a row with ``error`` set, so that every bad line can be reported or skipped. A
+    JSON array is one document: the first error in it ends the read."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such dataset file")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
+    raw = path.read_bytes()
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
     rows: list[Row] = []
-    decoder = json.JSONDecoder()
-    if stripped.startswith("["):  # a JSON array: walk its elements to know each one's line
+    if raw.lstrip().startswith(b"["):  # a JSON array: walk its elements to know each one's line
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(_not_utf8(path, raw, e)) from None
+        decoder = json.JSONDecoder()
         pos = text.index("[") + 1
         while True:
             while pos < len(text) and text[pos] in " \t\r\n,":
@@ -66,14 +86,24 @@ def read_rows(path: str | Path) -> list[Row]:
                 raise DataError(f"{path}:{e.lineno}: sample {len(rows)}: invalid JSON ({e.msg})") from None
             rows.append(Row(value, path, line, len(rows)))
         return rows
-    for line_no, record in enumerate(text.splitlines(), 1):
-        if not record.strip():
+    offset = 0
+    for line_no, chunk in enumerate(raw.split(b"\n"), 1):
+        start, offset = offset, offset + len(chunk) + 1
+        if not chunk.strip():
             continue
+        error = None
         try:
-            value = json.loads(record)
+            value = json.loads(chunk.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            e.start += start  # where in the file, for the column
+            error = _not_utf8(path, raw, e, line_no).replace(f":{line_no}: ", f":{line_no}: sample {len(rows)}: ", 1)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: sample {len(rows)}: invalid JSON ({e.msg})") from None
-        rows.append(Row(value, path, line_no, len(rows)))
+            error = f"{path}:{line_no}: sample {len(rows)}: invalid JSON ({e.msg}, column {e.colno})"
+        if error is not None:
+            if not keep_invalid:
+                raise DataError(error)
+            value = None
+        rows.append(Row(value, path, line_no, len(rows), error))
     return rows
 
 
@@ -125,6 +155,8 @@ class Report:
 
 
 def _need(row: Row, name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    if row.error is not None:
+        raise DataError(row.error)
     if not isinstance(row.data, dict):
         raise DataError(f"{row.where()}: expected a JSON object, got {type(row.data).__name__}")
     if name not in row.data or row.data[name] is None:
@@ -189,7 +221,7 @@ def _load(path: str | Path, parse: Callable[[Row], T], *, skip_invalid: bool, al
     skipped and counted (as ``too_long`` when over the length budget, else as an invalid row)."""
     samples: list[T] = []
     report = Report()
-    for row in read_rows(path):
+    for row in read_rows(path, keep_invalid=True):
         try:
             samples.append(parse(row))
         except DataError as e:
@@ -313,9 +345,9 @@ def check_dataset(path: str | Path, processing: Processing, *, kind: str = "auto
                   max_length: int = 512) -> dict[str, Any]:
     """Validate every row (never stopping at the first bad one) and describe the good ones: image sizes, the
     image-token counts they imply under the processing's pixel budget, and prompt (or sequence) lengths."""
-    rows = read_rows(path)
+    rows = read_rows(path, keep_invalid=True)
     if kind == "auto":
-        first = rows[0].data if rows else {}
+        first: Any = next((r.data for r in rows if r.error is None), {})
         kind = "sft" if isinstance(first, dict) and "messages" in first else "rl"
     samples: list[Any]
     if kind == "rl":
@@ -327,9 +359,10 @@ def check_dataset(path: str | Path, processing: Processing, *, kind: str = "auto
                                            skip_invalid=True, allow_empty=True)
         lengths = [s.tokens for s in samples]
     sizes = [s.image_size for s in samples if s.image_size is not None]
+    errors = report.errors + ([f"{path}: no usable rows: training on this file would stop"] if not samples else [])
     return {
         "file": str(path), "kind": kind, "rows": len(rows), "valid": len(samples),
-        "skipped": dict(report.skipped), "errors": report.errors,
+        "skipped": dict(report.skipped), "errors": errors,
         "text_only_rows": sum(s.image is None for s in samples),
         "image_width": _spread([w for w, _ in sizes]), "image_height": _spread([h for _, h in sizes]),
         "image_tokens": _spread([s.image_tokens for s in samples if s.image_size is not None]),

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from r1vl_fast.config import check_model_path
 from r1vl_fast.data import DataError, image_path, read_rows
 from r1vl_fast.errors import reports_user_errors
 from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS, Processing
@@ -95,6 +96,8 @@ def load_benchmark(path: str | Path, processing: Processing, image_root: str | P
                 raise DataError(f"{row.where()}: field 'image_path': the model is text-only")
         items.append({"where": row.where(), "problem": d["problem"], "gold": gold, "image": image,
                       "key_steps": d.get("key_steps")})
+    if not items:
+        raise DataError(f"{path}: no rows to evaluate")
     return items
 
 
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error("--num_samples must be >= 1")
+    check_model_path(args.model_name_or_path)
     output_dir = args.output_dir or Path("runs") / f"eval-{Path(args.dataset).stem}"
     summary = evaluate_file(args.model_name_or_path, args.dataset, output_dir, image_root=args.image_root,
                             num_samples=args.num_samples, temperature=args.temperature,

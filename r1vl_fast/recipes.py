@@ -61,6 +61,7 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
     if config.eval_dataset is not None and checkpoint is None:
         if world.main:
             evaluation["before"] = evaluate_checkpoint(config.model_name_or_path, config.eval_dataset, config, device)
+            (output_dir / "eval.json").write_text(json.dumps(evaluation, indent=1))  # kept if the run stops
         barrier(world)
         seed_everything(config.seed)
     policy = load_policy(run, config)
@@ -69,7 +70,8 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
         reference = load_model(config.model_name_or_path, device=device, dtype=dtype, trainable=False)
         reference = wrap(reference, world, fsdp=config.fsdp, param_dtype=dtype, trainable=False)
     rewards = StepRewards([s.solution for s in samples], [s.key_steps for s in samples],
-                          preset=config.reward_preset, alpha=config.step_rar_alpha)  # type: ignore[arg-type]
+                          preset=config.reward_preset, alpha=config.step_rar_alpha,  # type: ignore[arg-type]
+                          where=[s.where for s in samples])
     engine = make_engine(config.rollout_engine, processing, device=device, dtype=dtype, weights_path=run.weights,
                          policy=unwrap(policy), synced=is_fsdp(policy),  # FSDP ranks step generate() together
                          max_model_len=config.max_prompt_length + config.max_completion_length,
@@ -92,6 +94,7 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
             return evaluate_run(unwrap(policy), processing, held_out, config, device, world=world,
                                 synced=is_fsdp(policy))
 
+    # a stop raises Stopped from run_loop after its save: no "after training" evaluation of a partial run
     last = run_loop(trainer, config, output_dir, processing, kind="StepGRPO", on_step=on_step,
                     checkpoint=checkpoint, world=world, evaluate=evaluate_now, eval_steps=config.eval_steps)
     if not world.main:
@@ -101,7 +104,7 @@ def run_grpo(config: GRPOTrainConfig) -> Path:
         del policy, reference, engine, trainer
         evaluation["after"] = evaluate_checkpoint(last, config.eval_dataset, config, device)
         previous = output_dir / "eval.json"
-        if "before" not in evaluation and previous.is_file():  # resumed: keep the first run's baseline
+        if "before" not in evaluation and previous.is_file():  # resumed: keep the run's baseline
             evaluation = {**json.loads(previous.read_text()), **evaluation}
         previous.write_text(json.dumps(evaluation, indent=1))
         log.info("held-out evaluation: %s", evaluation)

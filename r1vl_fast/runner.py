@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
+import re
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -18,10 +21,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from r1vl_fast.checkpoint import load_state, resolve_checkpoint, save_checkpoint, set_rng_state
+from r1vl_fast.checkpoint import STATE_FILE, load_state, resolve_checkpoint, save_checkpoint, set_rng_state
 from r1vl_fast.config import RunConfig, to_dict
 from r1vl_fast.distributed import World, all_sum, barrier, full_model_state, init_world, unwrap, wrap
-from r1vl_fast.errors import NonFiniteError
+from r1vl_fast.errors import ConfigError, NonFiniteError, Stopped
 from r1vl_fast.modeling import load_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.tracking import RunLog
@@ -64,9 +67,60 @@ def seed_everything(seed: int) -> None:
 
 
 def resume_point(config: RunConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume, if any; a ``--max_steps`` below its step is an error (the run would do nothing)."""
     if config.resume_from_checkpoint is None:
         return None
-    return resolve_checkpoint(config.resume_from_checkpoint, output_dir)
+    checkpoint = resolve_checkpoint(config.resume_from_checkpoint, output_dir)
+    step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+    if 0 < config.max_steps < step:
+        raise ConfigError(f"--max_steps {config.max_steps} is below the step of {checkpoint} ({step}): nothing "
+                          f"would run; pass a larger --max_steps to train on")
+    return checkpoint
+
+
+# What a run writes into its output directory; a new run refuses a directory that holds any of these.
+RUN_FILES = ("config.json", "metrics.jsonl", "completions.jsonl", "eval.json", "summary.json", "reward_curve.png",
+             "tensorboard")
+_CHECKPOINT_DIR = re.compile(r"^(\.tmp-)?checkpoint-\d+$")
+
+
+def run_artifacts(output_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """The names in ``output_dir`` that a run wrote: checkpoints (complete or not) and ``RUN_FILES`` (+ ``extra``)."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p.name for p in output_dir.iterdir()
+                  if p.name in RUN_FILES or p.name in extra or _CHECKPOINT_DIR.match(p.name))
+
+
+def prepare_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool, world: World,
+                       extra: tuple[str, ...] = ()) -> None:
+    """Before anything is loaded: make ``output_dir`` and check that it can be written, and refuse one that holds
+    another run's checkpoints or logs unless this run resumes (and appends to them) or ``overwrite`` is set (they
+    are removed first). Two runs never mix in one directory."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"r1vl_fast")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output_dir {output_dir}: cannot write there ({e.strerror or e})") from None
+    found = run_artifacts(output_dir, extra)
+    barrier(world)  # every rank has looked before rank 0 removes anything
+    if not found or resuming:
+        return
+    if not overwrite:
+        listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError(f"--output_dir {output_dir} holds another run ({listed}); pass --resume_from_checkpoint "
+                          f"latest to continue it, --overwrite_output_dir to replace it, or another --output_dir")
+    if world.main:
+        log.warning("--overwrite_output_dir: removing the previous run's %s from %s", ", ".join(found), output_dir)
+        for name in found:
+            path = output_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    barrier(world)
 
 
 @dataclass
@@ -88,16 +142,16 @@ class Run:
 
 
 def start_run(config: RunConfig) -> Run:
-    """Join torchrun (if launched by it), make the output directory, find the checkpoint to resume, pick the
-    device and dtype, seed every generator, and load the tokenizer / image processor."""
-    if config.model_name_or_path is None or config.dataset is None:
-        raise ValueError("--model_name_or_path and --dataset are both needed"
-                         + (" (or neither, for the demo)" if config.run_kind == "run" else ""))
+    """Join torchrun (if launched by it), find the checkpoint to resume, claim the output directory (writable, and
+    not another run's), pick the device and dtype, seed every generator, and load the tokenizer / image
+    processor."""
+    assert config.model_name_or_path is not None and config.dataset is not None  # validated
     world = init_world(config.device)
     assert config.output_dir is not None  # resolved
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = resume_point(config, output_dir)
+    prepare_output_dir(output_dir, resuming=checkpoint is not None, overwrite=config.overwrite_output_dir,
+                       world=world)
     device = run_device(config, world)
     dtype = run_dtype(config)
     seed_everything(config.seed)
@@ -115,7 +169,8 @@ def load_policy(run: Run, config: RunConfig) -> Any:
 
 
 class GracefulStop:
-    """SIGINT / SIGTERM ask the loop to finish the current step, save and exit 0; a second SIGINT aborts."""
+    """SIGINT / SIGTERM ask the loop to finish the current step, save and raise :class:`Stopped` (the command line
+    exits with 128 + the signal's number); a second SIGINT aborts at once."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -193,7 +248,7 @@ def run_loop(trainer: Trainer, config: RunConfig, output_dir: Path, processing: 
                         last = save()
                     log.warning("stopped by %s after step %d; resume with --resume_from_checkpoint latest",
                                 stop.requested, trainer.step_idx)
-                    break
+                    raise Stopped(stop.requested, trainer.step_idx, last)  # nothing after this stage runs
     finally:
         runlog.close()
     if last is None:  # nothing to do (already at total_steps)

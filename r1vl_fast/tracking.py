@@ -12,11 +12,31 @@ from tqdm.auto import tqdm
 
 
 def _truncate_jsonl(path: Path, after_step: int) -> None:
-    """Drop records past ``after_step``: a resumed run rewrites the steps after its checkpoint."""
+    """Drop records past ``after_step``: a resumed run appends the steps after its checkpoint, once. (A new run
+    never gets here with another run's file: ``runner.prepare_output_dir`` refuses such a directory.)"""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= after_step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)  # a kill here leaves the old file or the new one, never half of one
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One strict-JSON line: NaN and +-inf, which JSON has no words for, are written as null."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(record), allow_nan=False)
 
 
 class RunLog:
@@ -51,7 +71,7 @@ class RunLog:
             return
         step = int(metrics["step"])
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(json_line(metrics) + "\n")
         if step % self.logging_steps == 0:
             scalars = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
             if self.tb is not None:
@@ -68,7 +88,7 @@ class RunLog:
             return
         with open(self.completions_path, "a", encoding="utf-8") as f:
             for r in records:
-                f.write(json.dumps({"step": step, **r}) + "\n")
+                f.write(json_line({"step": step, **r}) + "\n")
 
     def close(self) -> None:
         self.bar.close()

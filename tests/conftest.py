@@ -14,7 +14,7 @@ from r1vl_fast.rewards import MathVerifier  # noqa: E402
 
 @pytest.fixture(scope="session")
 def verifier():
-    with MathVerifier(timeout=20.0, workers=2) as v:
+    with MathVerifier(timeout=20.0, workers=2, budget=120.0) as v:
         yield v
 
 

@@ -99,9 +99,11 @@ def test_resume_reproduces_every_step_exactly(tiny: dict[str, Path], tmp_path: P
         assert _without_time(_metrics(resumed)) == reference[start:]
 
 
-def test_sigterm_saves_and_exits_zero_then_latest_resumes_exactly(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_sigterm_saves_and_stops_then_latest_resumes_exactly(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """SIGTERM mid-run: the step in progress is saved, the process exits 143 (128 + SIGTERM) and runs no "after
+    training" evaluation; `latest` then resumes to exactly the uninterrupted run, and evaluates it."""
     args = _args(tiny, tmp_path / "x", max_steps=12, save_steps=1000, per_device_train_batch_size=1,
-                 gradient_accumulation_steps=1)
+                 gradient_accumulation_steps=1, eval_dataset=tiny["eval"])
     straight = tmp_path / "straight"
     run_grpo(_config([*args, "--output_dir", str(straight)]))
 
@@ -116,14 +118,16 @@ def test_sigterm_saves_and_exits_zero_then_latest_resumes_exactly(tiny: dict[str
             break
         time.sleep(0.05)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
-    assert "stopped by SIGTERM" in err
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err.strip().splitlines()[-1] and "Traceback" not in err
     done = len(_metrics(out))
     assert 2 <= done < 12
     assert latest_checkpoint(out) == out / f"checkpoint-{done}"
+    assert set(json.loads((out / "eval.json").read_text())) == {"before"}  # no "after" for a partial run
 
     run_grpo(_config([*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]))
     assert _without_time(_metrics(out)) == _without_time(_metrics(straight))
+    assert json.loads((out / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
 
 
 def test_eval_steps_scores_the_live_policy_without_changing_training(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -360,7 +364,7 @@ def test_config_precedence_preset_then_yaml_then_command_line(tmp_path: Path) ->
     assert config.learning_rate == 3e-6 and config.beta == 0.02 and config.bf16 is False
     assert _config([]).preset == "demo"
     with pytest.raises(ValueError, match="--num_generations must be >= 2"):
-        _config(["--dataset", "d", "--num_generations", "1"])
+        _config(["--dataset", "d", "--model_name_or_path", "m", "--num_generations", "1"])
     yaml_file.write_text("learning_rat: 1\n")
     with pytest.raises(ValueError, match="unknown option 'learning_rat'"):
         _config(["--config", str(yaml_file)])

@@ -14,7 +14,9 @@ from r1vl_fast.config import PRESETS, GRPOTrainConfig, SFTConfig
 from r1vl_fast.demo.models import build_demo_model, demo_processing
 from r1vl_fast.demo.shapes import write_demo_data
 from r1vl_fast.distributed import barrier, init_world
+from r1vl_fast.errors import ConfigError
 from r1vl_fast.recipes import run_grpo, run_sft
+from r1vl_fast.runner import prepare_output_dir
 from r1vl_fast.tracking import read_metrics
 
 log = logging.getLogger("r1vl_fast")
@@ -24,15 +26,25 @@ DEMO_ROWS = {"train": 512, "sft": 512, "eval": 64}
 
 def run_demo(config: GRPOTrainConfig) -> dict[str, dict[str, float]]:
     """The whole demo; under torchrun every rank trains, rank 0 alone writes the data, the evaluation and the
-    summary (and returns it; other ranks return an empty dict)."""
+    summary (and returns it; other ranks return an empty dict).
+
+    A stop signal ends it in whichever stage it is (:class:`~r1vl_fast.errors.Stopped`): a stopped SFT warm-up never
+    goes on into StepGRPO. ``--resume_from_checkpoint latest`` resumes the stage that was stopped: the SFT warm-up
+    if it is short of ``--sft_steps``, then StepGRPO from its own latest checkpoint, if it has one."""
     assert config.output_dir is not None  # resolved: runs/demo-<time> by default
     output_dir = Path(config.output_dir)
     world = init_world(config.device)
+    resuming = config.resume_from_checkpoint is not None
+    if resuming and config.resume_from_checkpoint != "latest":
+        raise ConfigError("the demo has two stages (SFT, then StepGRPO): resume it with --resume_from_checkpoint "
+                          "latest, which picks the stage that was stopped")
+    # the demo's own folders count as a run's: a new demo never reuses another's data, model or warm-up
+    prepare_output_dir(output_dir, resuming=resuming, overwrite=config.overwrite_output_dir, world=world,
+                       extra=("data", "init", "sft"))
     data = output_dir / "data"
     paths = {name: data / f"{name}.jsonl" for name in ("rl", "sft", "eval")}
     init = output_dir / "init"
     if world.main:
-        output_dir.mkdir(parents=True, exist_ok=True)
         log.info("demo: writing everything to %s", output_dir)
         if not (data / "eval.jsonl").is_file():
             write_demo_data(data, **DEMO_ROWS, seed=config.seed)
@@ -45,15 +57,19 @@ def run_demo(config: GRPOTrainConfig) -> dict[str, dict[str, float]]:
     sft_dir = output_dir / "sft"
     sft_done = latest_checkpoint(sft_dir)
     if sft_done is None or json.loads((sft_done / "trainer_state.json").read_text())["step"] < config.sft_steps:
+        # the demo owns sft/: without a checkpoint, whatever an interrupted first attempt left there is replaced
         sft_config = SFTConfig(**{**PRESETS["demo"][SFTConfig], "preset": "demo", "model_name_or_path": str(init),
                                   "dataset": str(paths["sft"]), "output_dir": str(sft_dir),
                                   "max_steps": config.sft_steps, "seed": config.seed, "report_to": config.report_to,
-                                  "resume_from_checkpoint": "latest" if sft_done is not None else None})
+                                  "resume_from_checkpoint": "latest" if sft_done is not None else None,
+                                  "overwrite_output_dir": True})
         sft_config.validate()
-        sft_done = run_sft(sft_config)
+        sft_done = run_sft(sft_config)  # a stop raises Stopped here: no StepGRPO from a partial warm-up
 
+    rl_resume = "latest" if resuming and latest_checkpoint(output_dir) is not None else None
     rl_config = dataclasses.replace(config, model_name_or_path=str(sft_done), dataset=str(paths["rl"]),
-                                    eval_dataset=str(paths["eval"]), output_dir=str(output_dir), preset=None)
+                                    eval_dataset=str(paths["eval"]), output_dir=str(output_dir), preset=None,
+                                    resume_from_checkpoint=rl_resume, overwrite_output_dir=True)
     final = run_grpo(rl_config)
     if not world.main:  # rank 0 evaluates the final policy and writes eval.json after the other ranks are done
         return {}

@@ -55,7 +55,7 @@ def read_sources(path: str | Path, *, output: str | Path, image_root: str | Path
     out_dir = Path(output).resolve().parent
     rows: list[SourceRow] = []
     report = Report()
-    for row in read_rows(path):
+    for row in read_rows(path, keep_invalid=True):
         try:
             problem, cot, rel = mulberry_turns(row)
             image = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import selectors
 import struct
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from r1vl_fast.rewards._verify_worker import read_message, write_message
 from r1vl_fast.rewards.key_steps import normalize
+
+log = logging.getLogger("r1vl_fast")
 
 
 def same_answer(pred: str, gold: str) -> bool:
@@ -59,16 +62,23 @@ class _Worker:
 
 
 class MathVerifier:
-    """``verify(parse(a), parse(b))`` for many pairs in parallel worker processes, with a hard timeout per call
-    and a cache of recent results (the G completions of a prompt often share an answer)."""
+    """``verify(parse(a), parse(b))`` for many pairs in parallel worker processes, with a hard timeout per call, a
+    time budget per batch (one :meth:`check`), and a cache of recent results (the G completions of a prompt often
+    share an answer).
 
-    def __init__(self, timeout: float = 10.0, workers: int | None = None, cache_size: int = 65536) -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
-        self.timeout = float(timeout)
-        self.num_workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    An answer that makes sympy grind (``9^9^9^9^9^9``) costs at most ``timeout`` seconds of one worker, and a batch
+    full of them at most ``budget`` seconds in all: what is still unjudged then counts as wrong, is counted in
+    ``budget_cuts`` and logged, and is not cached (a later batch judges it again)."""
+
+    def __init__(self, timeout: float = 5.0, workers: int | None = None, cache_size: int = 65536,
+                 budget: float = 5.0) -> None:
+        if timeout <= 0 or budget <= 0:
+            raise ValueError(f"timeout and budget must be positive, got {timeout} and {budget}")
+        self.timeout, self.budget = float(timeout), float(budget)
+        self.num_workers = workers if workers is not None else max(2, min(8, (os.cpu_count() or 2) - 1))
         self.cache_size = cache_size
         self.timeouts = 0  # calls cut off so far
+        self.budget_cuts = 0  # calls left unjudged when a batch's budget ran out
         self.crashes = 0  # workers that died on a call
         self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
         self._workers: list[_Worker] = []
@@ -84,10 +94,16 @@ class MathVerifier:
                 if res is None:
                     todo.setdefault(pair, []).append(i)
             if todo:
-                for pair, ok in zip(todo, self._run(list(todo))):
+                verdicts, unjudged = self._run(list(todo))
+                for j, (pair, ok) in enumerate(zip(todo, verdicts)):
                     for i in todo[pair]:
                         results[i] = ok
-                    self._remember(pair, ok)
+                    if j not in unjudged:
+                        self._remember(pair, ok)
+                if unjudged:
+                    self.budget_cuts += len(unjudged)
+                    log.warning("math-verify: %d of %d answer checks were still unjudged after this batch's budget "
+                                "of %gs and count as wrong", len(unjudged), len(todo), self.budget)
             return [bool(r) for r in results]
 
     def _remember(self, pair: tuple[str, str], ok: bool) -> None:
@@ -104,11 +120,14 @@ class MathVerifier:
         tail = self._stderr.read()[-2000:].decode(errors="replace")
         return RuntimeError(f"the math-verify worker process exited before it was ready:\n{tail}")
 
-    def _run(self, jobs: list[tuple[str, str]]) -> list[bool]:
+    def _run(self, jobs: list[tuple[str, str]]) -> tuple[list[bool], set[int]]:
+        """The verdicts of ``jobs``, and the indices left unjudged when the budget ran out."""
         self._start()
         results = [False] * len(jobs)
+        judged: set[int] = set()
         next_job = 0
         done = 0
+        batch_deadline = float("inf")  # set when the first job goes out: worker start-up is not charged
         selector = selectors.DefaultSelector()
         try:
             for w in self._workers:
@@ -116,11 +135,18 @@ class MathVerifier:
             while done < len(jobs):
                 for w in self._workers:
                     if w.ready and w.job is None and next_job < len(jobs):
-                        w.job, w.deadline = next_job, time.monotonic() + self.timeout
+                        now = time.monotonic()
+                        batch_deadline = min(batch_deadline, now + self.budget)
+                        w.job, w.deadline = next_job, min(now + self.timeout, batch_deadline)
                         next_job += 1
                         # on a broken pipe the read side sees the exit and retires the job
                         with contextlib.suppress(BrokenPipeError, OSError):
                             write_message(w.proc.stdin, jobs[w.job])  # type: ignore[arg-type]
+                if time.monotonic() >= batch_deadline:  # out of budget: stop the busy workers, judge no more
+                    for w in list(self._workers):
+                        if w.job is not None:
+                            self._retire(w, selector)
+                    break
                 busy = [w.deadline for w in self._workers if w.job is not None]
                 wait = max(0.0, min(busy) - time.monotonic()) if busy else None
                 for key, _ in selector.select(wait):
@@ -133,22 +159,26 @@ class MathVerifier:
                         if not w.ready:
                             raise self._worker_error()
                         self.crashes += 1
+                        if w.job is not None:
+                            judged.add(w.job)  # wrong: the worker died on it
                         done += self._retire(w, selector)
                     elif reply == "ready":
                         w.ready = True
                     else:
                         assert w.job is not None
                         results[w.job] = bool(reply)
+                        judged.add(w.job)
                         w.job = None
                         done += 1
                 now = time.monotonic()
                 for w in list(self._workers):
-                    if w.job is not None and now >= w.deadline:
+                    if w.job is not None and now >= w.deadline and now < batch_deadline:
                         self.timeouts += 1
+                        judged.add(w.job)  # a time-out is a verdict: wrong, and cached as such
                         done += self._retire(w, selector)
         finally:
             selector.close()
-        return results
+        return results, set(range(len(jobs))) - judged
 
     def _retire(self, worker: _Worker, selector: selectors.BaseSelector) -> int:
         """Kill a stuck or dead worker (its job stays False) and start a fresh one in its place."""
