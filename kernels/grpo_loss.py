@@ -265,3 +265,62 @@ def grpo_loss_fwd_kernel(
                 tl.store(entropy_ptr + row, 0.0)
             if WRITE_GRAD:
                 _zero_row(grad_row_ptr, V, BLOCK_V)
+
+
+# ------------------------------------------------------------------------------------- the LM head fused in
+
+
+@triton.jit
+def linear_lse_fwd_kernel(h_ptr, w_ptr, bias_ptr, ids_ptr, m_ptr, s_ptr, zp_ptr, target_ptr, N, V, H, stride_h,
+                          stride_w, scale2, cols_per_split, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                          BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr,
+                          IEEE: tl.constexpr):
+    """Log-probs with the LM head fused in, no logits in memory: program (i, j) takes BLOCK_M tokens and the j-th
+    slice of ``cols_per_split`` vocabulary columns, forms z = h · Wᵀ (+ b) tile by tile with ``tl.dot`` (fp32
+    accumulation) and keeps, in its epilogue, each row's running max and Σ exp2 (online, base 2, z scaled by
+    log2(e) / T), the target's logit when it falls in the slice, and Σ e·z for the entropy. Partial results
+    [splits, N] are combined on the host (a few elementwise ops on [splits, N])."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    ids = tl.load(ids_ptr + rows, mask=row_ok, other=-1)
+    m = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    zp = tl.zeros([BLOCK_M], tl.float32)
+    target = tl.zeros([BLOCK_M], tl.float32)
+    v_start = split * cols_per_split
+    v_end = tl.minimum(V, v_start + cols_per_split)
+    ks = tl.arange(0, BLOCK_K)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k = k0 + ks
+            a = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :], mask=row_ok[:, None] & (k[None, :] < H),
+                        other=0.0)
+            b = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_w + k[:, None],
+                        mask=col_ok[None, :] & (k[:, None] < H), other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(col_ok[None, :], acc * scale2, NEG_INF)
+        target += tl.sum(tl.where(cols[None, :] == ids[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        shift = tl.where(m_new != NEG_INF, m_new, 0.0)
+        rescale = tl.exp2(m - shift)
+        e = tl.exp2(z - shift[:, None])
+        s = s * rescale + tl.sum(e, axis=1)
+        if ENTROPY:
+            zp = zp * rescale + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), axis=1)
+        m = m_new
+    out = split.to(tl.int64) * N + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(target_ptr + out, target, mask=row_ok)
+    if ENTROPY:
+        tl.store(zp_ptr + out, zp, mask=row_ok)

@@ -185,6 +185,8 @@ class GRPOTrainConfig(RunConfig):
     step_rar_alpha: float = _opt(0.1, "alpha: weight of the key-step fraction in StepRAR.")
     loss_impl: str = _opt("auto", "GRPO loss: the fused Triton kernel (triton), the PyTorch reference (torch), or "
                                   "auto (Triton on CUDA, the reference on CPU).", IMPLS)
+    fused_lm_head: bool = _opt(True, "Fuse the LM head into the GRPO loss and the old / reference log-probs: no "
+                                     "[B, T, V] logits tensor (false: materialise the logits, as TRL does).")
     rollout_engine: str = _opt("auto", "Rollout engine: vllm (colocated, in-process), hf (transformers generate), or "
                                        "auto (vllm when importable on a GPU, else hf).", ENGINES)
     vllm_gpu_memory_utilization: float = _opt(0.3, "Fraction of the device memory vLLM may take (weights + KV "

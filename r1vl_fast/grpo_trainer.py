@@ -19,8 +19,8 @@ import torch
 from r1vl_fast.config import GRPOTrainConfig
 from r1vl_fast.data import Sample, encode_prompt
 from r1vl_fast.distributed import World, all_sum, reduce_metrics, unwrap
-from r1vl_fast.modeling import completion_log_probs, completion_logits
-from r1vl_fast.ops import grpo_loss, importance_weights
+from r1vl_fast.modeling import completion_hidden, completion_log_probs, completion_logits, lm_head
+from r1vl_fast.ops import grpo_loss, importance_weights, linear_grpo_loss
 from r1vl_fast.optim import TrainerBase
 from r1vl_fast.processing import Processing, PromptInputs, batch_inputs
 from r1vl_fast.rewards.step_rewards import RewardBreakdown, StepRewards
@@ -109,7 +109,8 @@ class StepGRPOTrainer(TrainerBase):
         old_logp = ref_logp = is_weights = stats = None
         correct = rollouts.logprobs is not None and c.vllm_importance_sampling_correction
         if c.num_iterations > 1 or correct:
-            old_logp = completion_log_probs(self.policy, inputs, ids, self.loss_config.temperature, self.impl)
+            old_logp = completion_log_probs(self.policy, inputs, ids, self.loss_config.temperature, self.impl,
+                                            fused_lm_head=c.fused_lm_head)
         if correct:
             assert rollouts.logprobs is not None and old_logp is not None
             is_weights, stats = importance_weights(old_logp, rollouts.logprobs.to(self.device), mask,
@@ -118,7 +119,8 @@ class StepGRPOTrainer(TrainerBase):
             if c.num_iterations == 1:
                 old_logp = None  # on-policy ratio, as without correction
         if self.reference is not None:
-            ref_logp = completion_log_probs(self.reference, inputs, ids, self.loss_config.temperature, self.impl)
+            ref_logp = completion_log_probs(self.reference, inputs, ids, self.loss_config.temperature, self.impl,
+                                            fused_lm_head=c.fused_lm_head)
         times["time/logprobs"] += time.perf_counter() - start
         return RolloutBatch(completion_sample_ids, inputs, ids, mask, rollouts.texts, rewards, None,
                             old_logp, ref_logp, rollouts.finish_reasons, is_weights, stats)
@@ -135,12 +137,20 @@ class StepGRPOTrainer(TrainerBase):
         # token-level metrics are summed over tokens, then divided by the global token count
         token_sums = {"kl": zero, "clip_ratio": zero, "clip_ratio/low": zero, "clip_ratio/high": zero}
         for mb in buffer:
-            logits = completion_logits(self.policy, mb.inputs, mb.completion_ids.shape[1])
-            loss, m = grpo_loss(logits, mb.completion_ids, mb.completion_mask, config=self.loss_config,
-                                rewards=torch.from_numpy(mb.rewards.total).to(self.device, torch.float32),
-                                old_logp=mb.old_logp, ref_logp=mb.ref_logp,
-                                is_weights=mb.is_weights, loss_scale=1.0 / len(buffer), last_position_unused=True,
-                                grad_inplace=True, validate=False, impl=self.impl)
+            rewards = torch.from_numpy(mb.rewards.total).to(self.device, torch.float32)
+            if self.config.fused_lm_head:  # the LM head inside the loss: no [B, T, V] logits
+                hidden = completion_hidden(self.policy, mb.inputs, mb.completion_ids.shape[1])
+                weight, bias = lm_head(self.policy)  # after the forward: FSDP2 holds it gathered (see lm_head)
+                loss, m = linear_grpo_loss(hidden, weight, mb.completion_ids, mb.completion_mask,
+                                           config=self.loss_config, rewards=rewards, old_logp=mb.old_logp,
+                                           ref_logp=mb.ref_logp, is_weights=mb.is_weights, bias=bias,
+                                           loss_scale=1.0 / len(buffer))
+            else:
+                logits = completion_logits(self.policy, mb.inputs, mb.completion_ids.shape[1])
+                loss, m = grpo_loss(logits, mb.completion_ids, mb.completion_mask, config=self.loss_config,
+                                    rewards=rewards, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                                    is_weights=mb.is_weights, loss_scale=1.0 / len(buffer),
+                                    last_position_unused=True, grad_inplace=True, validate=False, impl=self.impl)
             loss.backward()
             mb.advantages = m["advantages"]
             loss_sum = loss_sum + loss.detach()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from r1vl_fast.ops import selective_log_probs
+from r1vl_fast.ops import linear_log_probs, selective_log_probs
 from r1vl_fast.processing import is_multimodal
 
 
@@ -40,11 +40,44 @@ def completion_logits(model: Any, batch: dict[str, torch.Tensor], completion_len
     return model(**batch, use_cache=False, logits_to_keep=completion_length + 1).logits
 
 
+def completion_hidden(model: Any, batch: dict[str, torch.Tensor], completion_length: int) -> torch.Tensor:
+    """The final hidden states [B, T, H] (after the last norm) of the positions that predict the last T =
+    ``completion_length`` tokens of ``batch['input_ids']``: what the LM head would turn into logits. The model runs
+    through its wrapper (DDP and FSDP2 see a normal forward); it forms logits for one position only."""
+    out = model(**batch, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    return out.hidden_states[-1][:, -completion_length - 1:-1]
+
+
+def lm_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's (weight [V, H], bias [V] or None), tied to the embedding or not. Call it right after a forward
+    (:func:`completion_hidden`): under FSDP2 the root module then still holds its parameters gathered, so the
+    head's gradient joins the embedding's in FSDP2's own reduce-scatter. A sharded weight outside a forward is
+    gathered for a no-grad use only (the gradient of ``full_tensor`` would not be summed over ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    from r1vl_fast.distributed import unwrap
+
+    head = unwrap(model).get_output_embeddings()
+    params = [head.weight, getattr(head, "bias", None)]
+    for i, x in enumerate(params):
+        if isinstance(x, DTensor):
+            if torch.is_grad_enabled() and x.requires_grad:
+                raise RuntimeError("lm_head: the FSDP2 root is resharded; call it right after the model's forward")
+            params[i] = x.full_tensor()
+    return params[0], params[1]  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def completion_log_probs(
-    model: Any, batch: dict[str, torch.Tensor], completion_ids: torch.Tensor, temperature: float, impl: str = "auto"
+    model: Any, batch: dict[str, torch.Tensor], completion_ids: torch.Tensor, temperature: float, impl: str = "auto",
+    fused_lm_head: bool = True,
 ) -> torch.Tensor:
-    """fp32 log-probs [B, T] of the completion tokens (the no-grad path: old and reference policies)."""
+    """fp32 log-probs [B, T] of the completion tokens (the no-grad path: old and reference policies). With
+    ``fused_lm_head`` no logits tensor is formed (``linear_log_probs``); else the logits are read once."""
+    if fused_lm_head:
+        hidden = completion_hidden(model, batch, completion_ids.shape[1])
+        weight, bias = lm_head(model)  # after the forward (FSDP2, see lm_head)
+        return linear_log_probs(hidden, weight, completion_ids, temperature=temperature, bias=bias)  # type: ignore[return-value]
     logits = completion_logits(model, batch, completion_ids.shape[1])[:, :-1]  # a view: read once, nothing copied
     return selective_log_probs(logits, completion_ids, temperature=temperature, validate=False,  # type: ignore[return-value]
                                impl=impl)

@@ -172,3 +172,23 @@ def test_an_unmasked_nan_logit_reaches_the_loss_on_gpu():
                             ref_logp=ref_logp.float(), impl="triton")
         loss.backward()
         assert torch.isnan(loss) and torch.isnan(m["logp"][0, 1]) and torch.isnan(x.grad[0, 1].float()).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lm_head_log_probs_and_loss_on_gpu(dtype):
+    """The LM head fused in (linear_log_probs: the tl.dot kernel; linear_grpo_loss: cuBLAS blocks) at Qwen2-VL-2B's
+    widths, against the fp64 reference of the same (rounded) inputs."""
+    from r1vl_fast.ops import linear_grpo_loss, linear_log_probs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(2, 300, 1536, device="cuda", generator=g).to(dtype)
+    weight = (torch.randn(V, 1536, device="cuda", generator=g) * 0.02).to(dtype)
+    ids = torch.randint(0, V, (2, 300), device="cuda", generator=g)
+    logits64 = hidden.double() @ weight.double().T
+    want = ref.selective_log_probs(logits64, ids, temperature=0.9)
+    got = linear_log_probs(hidden, weight, ids, temperature=0.9)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 2e-3)
+    mask = torch.ones(2, 300, dtype=torch.bool, device="cuda")
+    config = GRPOConfig(beta=0.0, group_size=2, temperature=0.9)
+    loss, m = linear_grpo_loss(hidden, weight, ids, mask, torch.tensor([1.0, -1.0], device="cuda"), config)
+    torch.testing.assert_close(m["logp"].double(), want, rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 2e-3)

@@ -60,6 +60,14 @@ def reachable_launches() -> list[dict[str, Any]]:
                                    is_weights=rows, loss_scale=1.0, entropy=entropy,
                                    grad=logits if write_grad else None, device_type="cuda")
             add(launch)
+    # the LM head fused in (linear_log_probs): Qwen2-VL-2B's and 7B's widths, 8 x 1024 tokens
+    for dtype, width, bias, entropy in itertools.product(DTYPES[:3], (1536, 3584), (False, True), (False, True)):
+        hidden = torch.empty(8 * 1024, width, dtype=dtype, **meta)
+        weight = torch.empty(151_936, width, dtype=dtype, **meta)
+        launch, _ = L.linear_lse_fwd(hidden, weight, torch.empty(151_936, dtype=dtype, **meta) if bias else None,
+                                     torch.empty(8 * 1024, dtype=torch.int64, **meta), 1.0, entropy,
+                                     device_type="cuda")
+        add(launch)
     return list(seen.values())
 
 
@@ -77,7 +85,7 @@ def _check(results: list[dict[str, Any]]) -> None:
     launches = reachable_launches()
     assert len(results) == 2 * len(launches)
     assert {r["kernel"] for r in results} == {"selective_log_probs_fwd_kernel", "selective_log_probs_bwd_kernel",
-                                              "scale_rows_kernel", "grpo_loss_fwd_kernel"}
+                                              "scale_rows_kernel", "grpo_loss_fwd_kernel", "linear_lse_fwd_kernel"}
     failed = [f"{r['kernel']} {r['arch']} {r['constexprs']}: {r['error']}" for r in results if "error" in r]
     assert not failed, "\n".join(failed)
     spilled = [r for r in results if r["local_bytes"] != 0 or r["stack_bytes"] != 0 or r["registers"] > 255]
@@ -91,6 +99,9 @@ def test_reachable_launches_cover_every_constexpr_combination() -> None:
     assert len([f for f in flags if f[0] == "grpo_loss_fwd_kernel"]) == 4  # ENTROPY x WRITE_GRAD
     assert len([f for f in flags if f[0] == "selective_log_probs_fwd_kernel"]) == 2
     assert len([f for f in flags if f[0] == "selective_log_probs_bwd_kernel"]) == 2
+    linear = [s for s in launches if s["kernel"] == "linear_lse_fwd_kernel"]
+    assert len({(s["signature"]["h_ptr"], s["constexprs"]["HAS_BIAS"], s["constexprs"]["ENTROPY"])
+                for s in linear}) == 12  # 3 dtypes x bias x entropy
     types = {s["signature"]["logits_ptr"] for s in launches if "logits_ptr" in s["signature"]}
     assert types == {"*bf16", "*fp16", "*fp32", "*fp64"}
     assert {s["signature"]["stride_b"] for s in launches if "stride_b" in s["signature"]} == {"i32", "i64"}

@@ -145,7 +145,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny: dict[str,
               f"{sys.executable} -m r1vl_fast.train {run}; echo rc=$?; ls -a {disk / 'run'}; "
               f"ls {disk / 'run' / 'checkpoint-1'}")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if "rc=" not in proc.stdout and proc.returncode == 99:
         pytest.skip("cannot mount a tmpfs here")
     listing = proc.stdout.split()

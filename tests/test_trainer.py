@@ -176,17 +176,23 @@ def test_interrupted_save_is_never_picked_as_latest(tiny: dict[str, Path], tmp_p
         run_grpo(_config(_args(tiny, tmp_path, resume_from_checkpoint=tmp_path / "checkpoint-9")))
 
 
-def test_fused_triton_loss_and_the_reference_take_the_same_step(tiny: dict[str, Path], tmp_path: Path) -> None:
-    # the Triton kernels run in the interpreter here (TRITON_INTERPRET=1, set by conftest)
+def test_fused_lm_head_triton_loss_and_the_reference_take_the_same_step(tiny: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    """Three ways to the same two steps: the LM head fused into the loss (the default, no logits tensor), and the
+    materialised logits (--fused_lm_head false) through the Triton kernels (in the interpreter here:
+    TRITON_INTERPRET=1, set by conftest) or the PyTorch reference."""
     runs = {}
-    for impl in ("triton", "torch"):
+    for impl in ("fused", "triton", "torch"):
+        extra = {"fused_lm_head": "true"} if impl == "fused" else {"fused_lm_head": "false", "loss_impl": impl}
         run_grpo(_config(_args(tiny, tmp_path / impl, max_steps=2, per_device_train_batch_size=2, num_generations=4,
-                               gradient_accumulation_steps=1, loss_impl=impl)))
+                               gradient_accumulation_steps=1, **extra)))
         runs[impl] = _metrics(tmp_path / impl)
-    assert all(m["grad_norm"] > 0 for m in runs["triton"])  # real updates (the GRPO loss value itself is ~0)
-    for a, b in zip(runs["triton"], runs["torch"]):
-        for key in ("loss", "kl", "grad_norm", "reward"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert json.loads((tmp_path / "fused" / "config.json").read_text())["fused_lm_head"] is True
+    assert all(m["grad_norm"] > 0 for m in runs["fused"])  # real updates (the GRPO loss value itself is ~0)
+    for impl in ("triton", "torch"):
+        for a, b in zip(runs["fused"], runs[impl]):
+            for key in ("loss", "kl", "grad_norm", "reward", "clip_ratio"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (impl, key)
 
 
 def test_checkpoint_reloads_with_transformers(tiny: dict[str, Path], tmp_path: Path) -> None:

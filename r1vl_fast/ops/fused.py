@@ -126,6 +126,21 @@ def _check_group(rewards: torch.Tensor, group_size: int, unbiased: bool, scale: 
 # ---------------------------------------------------------------------------------------- the GRPO loss
 
 
+def _check_advantage_source(advantages: torch.Tensor | None, rewards: torch.Tensor | None, config: GRPOConfig,
+                            batch: int, validate: bool) -> None:
+    """Exactly one of advantages [B] or rewards [B] (the latter with ``config.group_size``)."""
+    if (advantages is None) == (rewards is None):
+        raise ValueError("pass exactly one of advantages= [B] or rewards= [B] (with config.group_size)")
+    if advantages is not None and (not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (batch,)):
+        raise ValueError(f"advantages must have shape [B] = [{batch}], got {getattr(advantages, 'shape', None)}")
+    if rewards is not None:
+        if config.group_size is None:
+            raise ValueError("rewards= needs config.group_size (the number of completions per prompt)")
+        if tuple(rewards.shape) != (batch,):
+            raise ValueError(f"rewards must have shape [B] = [{batch}], got {tuple(rewards.shape)}")
+        _check_group(rewards, config.group_size, config.adv_unbiased, config.scale_rewards, validate=validate)
+
+
 def _finish_gradient(grad: torch.Tensor, logits: torch.Tensor, length: int) -> None:
     """Zero the positions past the completion (they predict nothing); when the gradient was written over the
     logits, bump their version so that anything else that saved them fails loudly."""
@@ -242,16 +257,7 @@ def grpo_loss(
         _check_bt(name, x, batch, length, device)
     compiling = torch.compiler.is_compiling()
     validate = validate and not compiling  # value checks would break a compiled graph
-    if (advantages is None) == (rewards is None):
-        raise ValueError("pass exactly one of advantages= [B] or rewards= [B] (with config.group_size)")
-    if advantages is not None and (not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (batch,)):
-        raise ValueError(f"advantages must have shape [B] = [{batch}], got {getattr(advantages, 'shape', None)}")
-    if rewards is not None:
-        if config.group_size is None:
-            raise ValueError("rewards= needs config.group_size (the number of completions per prompt)")
-        if tuple(rewards.shape) != (batch,):
-            raise ValueError(f"rewards must have shape [B] = [{batch}], got {tuple(rewards.shape)}")
-        _check_group(rewards, config.group_size, config.adv_unbiased, config.scale_rewards, validate=validate)
+    _check_advantage_source(advantages, rewards, config, batch, validate)
     _check_id_dtype(ids)
     if validate:
         if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):

@@ -98,11 +98,16 @@ class Launch:
     num_warps: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     device_type: str = "cpu"  # what the launch is built for: "cuda" adds the GPU-only compile options
+    grid: tuple[int, ...] | None = None  # a fixed grid (else the persistent grid over ``rows``)
+    maxnreg: int | None = MAXNREG  # the register bound on a GPU (None: the compiler's)
+    num_stages: int | None = None  # software pipelining of tl.dot loads (None: the compiler's)
 
     @property
     def options(self) -> dict[str, Any]:
-        """Compile options: the warps, and on a GPU the register bound."""
-        return {"num_warps": self.num_warps, **({"maxnreg": MAXNREG} if self.device_type == "cuda" else {})}
+        """Compile options: the warps, and on a GPU the register bound and the pipeline depth."""
+        gpu = self.device_type == "cuda"
+        return {"num_warps": self.num_warps, **({"maxnreg": self.maxnreg} if gpu and self.maxnreg else {}),
+                **({"num_stages": self.num_stages} if gpu and self.num_stages else {})}
 
     @property
     def name(self) -> str:
@@ -113,9 +118,9 @@ class Launch:
         return {n: "constexpr" if n in self.constexprs else triton_type(self.args[n]) for n in self.kernel.arg_names}
 
     def run(self) -> None:
-        grid = grid_size(self.rows, self.device)
-        if grid:
-            self.kernel[(grid,)](**self.args, **self.constexprs, **self.options)
+        grid = self.grid if self.grid is not None else (grid_size(self.rows, self.device),)
+        if all(grid):
+            self.kernel[grid](**self.args, **self.constexprs, **self.options)
 
 
 def _kernels() -> Any:
@@ -231,4 +236,45 @@ def grpo_fwd(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, con
     launch = Launch(_kernels().grpo_loss_fwd_kernel, batch * length, args,
                     dict(BLOCK_V=block, ENTROPY=entropy, WRITE_GRAD=write_grad), warps, logits.device,
                     device_type or logits.device.type)
+    return launch, out
+
+
+# The LM head fused in: token tiles × vocabulary tiles × hidden tiles through tl.dot.
+LINEAR_BLOCKS = {"cuda": (64, 128, 64), "cpu": (16, 64, 32)}  # (BLOCK_M, BLOCK_V, BLOCK_K)
+
+
+def linear_lse_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+                   temperature: float, entropy: bool, *, device_type: str | None = None,
+                   splits: int | None = None) -> tuple[Launch, dict[str, torch.Tensor]]:
+    """Launch of the fused LM-head log-sum-exp over rows of ``hidden`` [N, H] (``weight`` [V, H], row-major):
+    partial (max, Σ exp2, Σ e·z, target logit) per vocabulary slice, [splits, N] each, all in base 2. The
+    vocabulary is split so that about four programs per SM run on a GPU (``splits`` overrides it)."""
+    device_type = device_type or hidden.device.type
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    block_m, block_v, block_k = LINEAR_BLOCKS["cuda" if device_type == "cuda" else "cpu"]
+    if TUNING.block_v is not None:
+        block_v = TUNING.block_v
+    row_blocks = max(1, -(-n // block_m))
+    tiles = max(1, -(-vocab // block_v))
+    if splits is None:
+        sms = (torch.cuda.get_device_properties(hidden.device).multi_processor_count
+               if hidden.device.type == "cuda" else 1)
+        splits = max(1, min(tiles, -(-4 * sms // row_blocks))) if device_type == "cuda" else min(tiles, 2)
+    cols_per_split = -(-tiles // splits) * block_v
+    splits = -(-vocab // cols_per_split)
+    f32: dict[str, Any] = dict(dtype=torch.float32, device=hidden.device)
+    out = {name: torch.empty((splits, n), **f32) for name in ("m", "s", "target")}
+    out["zp"] = torch.empty((splits, n), **f32) if entropy else torch.zeros(1, **f32)
+    args = dict(h_ptr=hidden, w_ptr=weight, bias_ptr=bias if bias is not None else weight, ids_ptr=ids,
+                m_ptr=out["m"], s_ptr=out["s"], zp_ptr=out["zp"], target_ptr=out["target"], N=n, V=vocab, H=h,
+                stride_h=hidden.stride(0), stride_w=weight.stride(0), scale2=LOG2E / temperature,
+                cols_per_split=cols_per_split)
+    constexprs = dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+                      ENTROPY=entropy, IEEE=hidden.dtype == torch.float32)
+    # 4 warps (one warpgroup on sm_90) over a 64 x 128 fp32 accumulator; no register bound (AOT: 168 registers on
+    # sm_80, 255 on sm_90 for 16-bit inputs, no spills)
+    launch = Launch(_kernels().linear_lse_fwd_kernel, n, args, constexprs, 4, hidden.device, device_type,
+                    grid=(row_blocks if n else 0, splits), maxnreg=None,
+                    num_stages=2 if hidden.dtype == torch.float32 else 3)
     return launch, out

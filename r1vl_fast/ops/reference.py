@@ -55,6 +55,27 @@ def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch
     return torch.exp(log_ratio) - log_ratio - 1
 
 
+def token_objective(
+    logp: torch.Tensor, keep: torch.Tensor, a: torch.Tensor, config: GRPOConfig, *,
+    old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None, is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GRPO objective of each token from its log-prob alone: (per-token loss, KL, ratio), any matching shapes
+    (``a``, the advantage, broadcast to ``logp``). Positions outside ``keep`` read none of old / ref / weights."""
+    old = logp.detach() if old_logp is None else torch.where(keep, old_logp.to(logp.dtype), logp.detach())
+    ratio = torch.exp(logp - old)
+    coef_1 = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
+    coef_2 = torch.clamp(ratio, 1 - config.eps_low, 1 + config.eps_high)
+    per_token = -torch.min(coef_1 * a, coef_2 * a)
+    if is_weights is not None:
+        per_token = per_token * torch.where(keep, is_weights.to(logp.dtype), 0.0)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        kl = per_token_kl(logp, torch.where(keep, ref_logp.to(logp.dtype), logp.detach()), config.kl)
+        if config.beta != 0:
+            per_token = per_token + config.beta * kl
+    return per_token, kl, ratio
+
+
 def grpo_loss(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -76,19 +97,9 @@ def grpo_loss(
     ids = ids.masked_fill(~keep, 0)
     logp, entropy = selective_log_probs(logits, ids, temperature=config.temperature, return_entropy=True)
     m = mask.to(logp.dtype)
-    old = logp.detach() if old_logp is None else torch.where(keep, old_logp.to(logp.dtype), logp.detach())
-    ratio = torch.exp(logp - old)
-    coef_1 = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
-    coef_2 = torch.clamp(ratio, 1 - config.eps_low, 1 + config.eps_high)
     a = advantages.to(logp.dtype).unsqueeze(1)
-    per_token = -torch.min(coef_1 * a, coef_2 * a)
-    if is_weights is not None:
-        per_token = per_token * torch.where(keep, is_weights.to(logp.dtype), 0.0)
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None:
-        kl = per_token_kl(logp, torch.where(keep, ref_logp.to(logp.dtype), logp.detach()), config.kl)
-        if config.beta != 0:
-            per_token = per_token + config.beta * kl
+    per_token, kl, ratio = token_objective(logp, keep, a, config, old_logp=old_logp, ref_logp=ref_logp,
+                                           is_weights=is_weights)
     loss = torch.where(keep, per_token * token_weights(m, config, num_items), 0.0).sum()
 
     with torch.no_grad():
