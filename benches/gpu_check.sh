@@ -10,8 +10,10 @@
 #    ahead-of-time compile check;
 # 3. the loss benchmark: eager TRL-style, torch.compile, Liger-Kernel (when carried) and ours at 8x1024 and
 #    16x2048, each checked against one reference (loss and logits gradient), with time, peak memory and TB/s;
-# 4. three StepGRPO steps on a Qwen2-VL-2B-shaped model (random weights, depth cut);
-# 5. $OUT/summary.json with every figure.
+# 4. the LM head fused into the loss (no logits tensor) against materialised logits and Liger's fused linear GRPO
+#    loss, bf16, H 1536 / 3584, 8x1024 and 16x2048 tokens: time and peak memory;
+# 5. three StepGRPO steps on a Qwen2-VL-2B-shaped model (random weights, depth cut);
+# 6. $OUT/summary.json with every figure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_check}"
@@ -41,6 +43,8 @@ run install 240 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 run parity 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_grpo_ops_cuda.py tests/test_kernels_compile.py
 run loss_bench 300 "$PY" -m pytest -q -p no:cacheprovider benches/test_bench_grpo_loss.py --benchmark-only \
   --benchmark-json="$OUT/loss_bench.json"
+run linear_bench 240 "$PY" -m pytest -q -s -p no:cacheprovider benches/test_bench_linear_loss.py -k gpu \
+  --benchmark-only --benchmark-json="$OUT/linear_bench.json"
 run train_step 240 "$PY" benches/gpu_step.py --out "$OUT/step"
 "$PY" benches/gpu_summary.py "$OUT" >"$OUT/summary.json" && cat "$OUT/summary.json"
 exit $status

@@ -1,6 +1,6 @@
 """Gather what benches/gpu_check.sh wrote into one JSON object: the device, each stage's exit code and time, the
 parity tests' outcome, the loss benchmark's table (median time, peak extra memory, TB/s per implementation and
-shape), and the StepGRPO run's summary.
+shape), the fused LM-head benchmark, and the StepGRPO run's summary.
 
     python benches/gpu_summary.py runs/gpu_check > runs/gpu_check/summary.json
 """
@@ -32,6 +32,10 @@ def summarize(out: Path) -> dict[str, Any]:
                          **{k: info[k] for k in ("peak_extra_GB", "peak_extra_in_logits", "logits_GB",
                                                  "achieved_TBps_vs_two_pass_floor", "grad_max_rel_err") if k in info}})
         summary["loss_bench"] = rows
+    linear = out / "linear_bench.json"
+    if linear.is_file():  # the LM head fused in: each path's median time and peak memory, per shape
+        summary["linear_bench"] = {b["name"]: b.get("extra_info", {})
+                                   for b in json.loads(linear.read_text())["benchmarks"]}
     step = out / "step" / "summary.json"
     if step.is_file():
         summary["train_step"] = json.loads(step.read_text())
