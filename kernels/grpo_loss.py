@@ -282,7 +282,7 @@ def linear_lse_fwd_kernel(h_ptr, w_ptr, bias_ptr, ids_ptr, m_ptr, s_ptr, zp_ptr,
     [splits, N] are combined on the host (a few elementwise ops on [splits, N])."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # 32-bit offsets: the launch checks N·H and V·H < 2^31
     row_ok = rows < N
     ids = tl.load(ids_ptr + rows, mask=row_ok, other=-1)
     m = tl.full([BLOCK_M], NEG_INF, tl.float32)
@@ -292,16 +292,15 @@ def linear_lse_fwd_kernel(h_ptr, w_ptr, bias_ptr, ids_ptr, m_ptr, s_ptr, zp_ptr,
     v_start = split * cols_per_split
     v_end = tl.minimum(V, v_start + cols_per_split)
     ks = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None] * stride_h + ks[None, :]
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
+        b_ptrs = w_ptr + cols[None, :] * stride_w + ks[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            k = k0 + ks
-            a = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :], mask=row_ok[:, None] & (k[None, :] < H),
-                        other=0.0)
-            b = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_w + k[:, None],
-                        mask=col_ok[None, :] & (k[:, None] < H), other=0.0)
+            a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & (ks[None, :] < H - k0), other=0.0)
+            b = tl.load(b_ptrs + k0, mask=col_ok[None, :] & (ks[:, None] < H - k0), other=0.0)
             if IEEE:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
@@ -318,7 +317,7 @@ def linear_lse_fwd_kernel(h_ptr, w_ptr, bias_ptr, ids_ptr, m_ptr, s_ptr, zp_ptr,
         if ENTROPY:
             zp = zp * rescale + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), axis=1)
         m = m_new
-    out = split.to(tl.int64) * N + rows
+    out = split * N + rows
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(s_ptr + out, s, mask=row_ok)
     tl.store(target_ptr + out, target, mask=row_ok)

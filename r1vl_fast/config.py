@@ -187,6 +187,8 @@ class GRPOTrainConfig(RunConfig):
                                   "auto (Triton on CUDA, the reference on CPU).", IMPLS)
     fused_lm_head: bool = _opt(True, "Fuse the LM head into the GRPO loss and the old / reference log-probs: no "
                                      "[B, T, V] logits tensor (false: materialise the logits, as TRL does).")
+    share_prompt: bool = _opt(True, "Run each prompt (and its image) once for its G completions, which attend to "
+                                    "its keys and values, instead of repeating it G times: exact, and cheaper.")
     rollout_engine: str = _opt("auto", "Rollout engine: vllm (colocated, in-process), hf (transformers generate), or "
                                        "auto (vllm when importable on a GPU, else hf).", ENGINES)
     vllm_gpu_memory_utilization: float = _opt(0.3, "Fraction of the device memory vLLM may take (weights + KV "

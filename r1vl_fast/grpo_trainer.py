@@ -9,6 +9,8 @@ the same pass as the log-probs, the clipped ratio and the KL.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,14 +19,16 @@ import numpy as np
 import torch
 
 from r1vl_fast.config import GRPOTrainConfig
-from r1vl_fast.data import Sample, encode_prompt
+from r1vl_fast.data import Sample
 from r1vl_fast.distributed import World, all_sum, reduce_metrics, unwrap
 from r1vl_fast.modeling import completion_hidden, completion_log_probs, completion_logits, lm_head
 from r1vl_fast.ops import grpo_loss, importance_weights, linear_grpo_loss
 from r1vl_fast.optim import TrainerBase
-from r1vl_fast.processing import Processing, PromptInputs, batch_inputs
+from r1vl_fast.processing import Processing, PromptCache, PromptInputs, batch_inputs, shared_inputs
 from r1vl_fast.rewards.step_rewards import RewardBreakdown, StepRewards
 from r1vl_fast.rollout import RolloutEngine, SamplingConfig, draw_seeds
+
+log = logging.getLogger("r1vl_fast")
 
 
 @dataclass
@@ -52,6 +56,22 @@ class RolloutBatch:
         return cls(**{**state, "rewards": RewardBreakdown(**state["rewards"])})
 
 
+def share_prompt_here(config: GRPOTrainConfig, world: World | None) -> bool:
+    """Whether this run shares each prompt over its group (``--share_prompt``), said once when it cannot: the
+    shared layout runs on the fused LM head, and needs the model's KV cache, which transformers turns off under
+    gradient checkpointing. (Under torchrun it is checked: 2 DDP or FSDP2 ranks take one rank's steps.)"""
+    if not config.share_prompt:
+        return False
+    why = ("--fused_lm_head false" if not config.fused_lm_head else
+           "--gradient_checkpointing (transformers then returns no KV cache)" if config.gradient_checkpointing else
+           None)
+    if why is not None:
+        if world is None or world.main:
+            log.warning("--share_prompt: each prompt is repeated G times instead of run once, because of %s", why)
+        return False
+    return True
+
+
 class StepGRPOTrainer(TrainerBase):
     def __init__(self, config: GRPOTrainConfig, *, policy: Any, reference: Any | None, processing: Processing,
                  samples: list[Sample], rewards: StepRewards, engine: RolloutEngine, device: torch.device,
@@ -65,6 +85,8 @@ class StepGRPOTrainer(TrainerBase):
                                        max_new_tokens=config.max_completion_length)
         self.loss_config = config.loss_config()  # the loss settings, built once
         self.impl = config.loss_impl
+        self.share_prompt = share_prompt_here(config, self.world)
+        self.prompts = PromptCache(processing)  # rollouts and training share one processing of each image
 
     # ------------------------------------------------------------------------------------------------ one step
 
@@ -102,7 +124,11 @@ class StepGRPOTrainer(TrainerBase):
         times["time/reward"] += time.perf_counter() - start
 
         responses = [row[m].tolist() for row, m in zip(rollouts.completion_ids, rollouts.completion_mask)]
-        inputs = batch_inputs(self.processing, [p for p in prompts for _ in range(G)], responses, device=self.device)
+        if self.share_prompt:  # each prompt (and image) once; its G completions on its keys and values
+            inputs = shared_inputs(self.processing, prompts, responses, G, device=self.device)
+        else:
+            inputs = batch_inputs(self.processing, [p for p in prompts for _ in range(G)], responses,
+                                  device=self.device)
         ids = rollouts.completion_ids.to(self.device)
         mask = rollouts.completion_mask.to(self.device)
         start = time.perf_counter()
@@ -193,10 +219,9 @@ class StepGRPOTrainer(TrainerBase):
         }
 
     def prompt(self, i: int) -> PromptInputs:
+        """Sample i's model inputs, each image processed once per run (``self.prompts``), named for errors."""
         s = self.samples[i]
-        prompt = encode_prompt(self.processing, s.problem, s.image)
-        prompt.source = s.where
-        return prompt
+        return dataclasses.replace(self.prompts.get(s.problem, s.image), source=s.where)
 
     def sample_completions(self, k: int) -> list[dict[str, Any]]:
         """Up to ``k`` prompts and completions of the current rollouts with their reward breakdown."""

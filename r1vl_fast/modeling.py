@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from r1vl_fast.ops import linear_log_probs, selective_log_probs
-from r1vl_fast.processing import is_multimodal
+from r1vl_fast.processing import SHARED_KEY, is_multimodal
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -43,9 +43,56 @@ def completion_logits(model: Any, batch: dict[str, torch.Tensor], completion_len
 def completion_hidden(model: Any, batch: dict[str, torch.Tensor], completion_length: int) -> torch.Tensor:
     """The final hidden states [B, T, H] (after the last norm) of the positions that predict the last T =
     ``completion_length`` tokens of ``batch['input_ids']``: what the LM head would turn into logits. The model runs
-    through its wrapper (DDP and FSDP2 see a normal forward); it forms logits for one position only."""
+    through its wrapper (DDP and FSDP2 see a normal forward); it forms logits for one position only. A batch from
+    :func:`r1vl_fast.processing.shared_inputs` runs each prompt once (:func:`shared_completion_hidden`)."""
+    if SHARED_KEY in batch:
+        return shared_completion_hidden(model, batch, completion_length)
     out = model(**batch, use_cache=False, logits_to_keep=1, output_hidden_states=True)
     return out.hidden_states[-1][:, -completion_length - 1:-1]
+
+
+def shared_completion_hidden(model: Any, batch: dict[str, torch.Tensor], completion_length: int) -> torch.Tensor:
+    """:func:`completion_hidden` with each prompt (and its image) run once for its G completions.
+
+    The P prompts run first, with a KV cache (the vision encoder sees each image once); each layer's keys and
+    values are repeated G times (``repeat_interleave``: gradients flow back and sum over the group) and the P·G
+    completions run on top of them. Qwen2-VL's 3-D rotary positions continue as in the repeated layout: text
+    positions n + t shifted by each prompt's rope delta. The hidden state that predicts a completion's first token
+    is its prompt's last, shared by the group. Exact: the same hidden states, hence log-probs and gradients, as the
+    repeated layout (``tests/test_share_prompt.py``)."""
+    group = int(batch["group_size"])
+    prompt = {k: v for k, v in batch.items() if not k.startswith("completion_") and k != "group_size"}
+    first = model(**prompt, use_cache=True, logits_to_keep=1, output_hidden_states=True)
+    last_prompt = first.hidden_states[-1][:, -1:].repeat_interleave(group, dim=0)
+    steps = completion_length - 1  # the last completion token predicts past the end: not run
+    if steps <= 0:
+        return last_prompt[:, :completion_length]
+    cache = first.past_key_values
+    if cache is None:
+        raise RuntimeError("the model returned no KV cache (gradient checkpointing disables it): share_prompt "
+                           "needs it; pass --share_prompt false")
+    cache.batch_repeat_interleave(group)
+    ids = batch["completion_input_ids"][:, :steps]
+    mask = torch.cat([prompt["attention_mask"].repeat_interleave(group, dim=0),
+                      batch["completion_attention_mask"][:, :steps]], dim=1)
+    extra: dict[str, torch.Tensor] = {}
+    if "mm_token_type_ids" in prompt:  # a vision-language model: its 3-D rotary positions, given explicitly
+        extra["mm_token_type_ids"] = torch.zeros_like(ids, dtype=torch.int32)
+        if "image_grid_thw" in prompt:  # text after the prompt: n + t, shifted by the prompt's rope delta
+            rope_deltas = unwrap_model(model).model.rope_deltas  # computed by the first forward, from its images
+            start = prompt["attention_mask"].sum(dim=1, keepdim=True)
+            positions = (start + torch.arange(steps, device=ids.device)) + rope_deltas.to(ids.device)
+        else:  # no image in the batch: plain positions, as the repeated layout gets
+            width = prompt["input_ids"].shape[1]
+            positions = (width + torch.arange(steps, device=ids.device)).expand(prompt["input_ids"].shape[0], -1)
+        extra["position_ids"] = positions.repeat_interleave(group, dim=0)[None].expand(3, -1, -1)
+    second = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                   output_hidden_states=True, **extra)
+    return torch.cat([last_prompt, second.hidden_states[-1]], dim=1)
+
+
+def unwrap_model(model: Any) -> Any:
+    return getattr(model, "module", model)
 
 
 def lm_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -7,8 +7,10 @@ token count known at validation time is the one the model sees; the same sizes a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,3 +206,64 @@ def batch_inputs(
             batch["image_grid_thw"] = torch.cat(grids).to(device)
         batch["mm_token_type_ids"] = (batch["input_ids"] == processing.image_token_id).to(torch.int32)
     return batch
+
+
+SHARED_KEY = "completion_input_ids"  # marks a batch whose prompts run once per group
+
+
+def shared_inputs(
+    processing: Processing, prompts: list[PromptInputs], responses: list[list[int]], group_size: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Model inputs with each prompt once: the P ``prompts`` (left-padded, with their images) and the P·G
+    ``responses`` (right-padded; G = ``group_size`` consecutive responses per prompt) apart, for
+    :func:`r1vl_fast.modeling.shared_completion_hidden`. The same tokens as :func:`batch_inputs` on the prompts
+    repeated G times, whose prompt columns are these."""
+    if len(responses) != len(prompts) * group_size:
+        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts x G = {group_size}")
+    batch = batch_inputs(processing, prompts, device=device)
+    width = max((len(r) for r in responses), default=0)
+    ids = torch.full((len(responses), width), processing.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, r in enumerate(responses):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        attention[i, :len(r)] = 1
+    return {**batch, SHARED_KEY: ids.to(device), "completion_attention_mask": attention.to(device),
+            "group_size": torch.tensor(group_size)}
+
+
+class PromptCache:
+    """Each distinct (problem, image) turned into model inputs once per run: the resized image, its pixel patches,
+    ``image_grid_thw`` and the prompt's token ids, keyed by the image file's content hash, least recently used out
+    first beyond ``max_bytes`` of pixel patches. Rollouts and training take the same ``PromptInputs``, so the
+    engine and the trainer cannot disagree on an image's token count. ``images_processed`` counts the images
+    actually decoded and resized."""
+
+    def __init__(self, processing: Processing, max_bytes: int = 1 << 30) -> None:
+        self.processing, self.max_bytes = processing, max_bytes
+        self._entries: OrderedDict[tuple[str, str | None], PromptInputs] = OrderedDict()
+        self._bytes = 0
+        self.images_processed = 0
+
+    def get(self, problem: str, image: Path | None) -> PromptInputs:
+        digest = hashlib.sha1(image.read_bytes()).hexdigest() if image is not None else None
+        key = (problem, digest)
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit
+        if image is None:
+            inputs = self.processing.encode_prompt(problem, None)
+        else:
+            with Image.open(image) as im:
+                inputs = self.processing.encode_prompt(problem, im)
+            self.images_processed += 1
+        size = inputs.pixel_values.numel() * inputs.pixel_values.element_size() if inputs.pixel_values is not None \
+            else 0
+        self._entries[key] = inputs
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.pixel_values.numel() * old.pixel_values.element_size() \
+                if old.pixel_values is not None else 0
+        return inputs

@@ -240,7 +240,9 @@ def grpo_fwd(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, con
 
 
 # The LM head fused in: token tiles × vocabulary tiles × hidden tiles through tl.dot.
-LINEAR_BLOCKS = {"cuda": (64, 128, 64), "cpu": (16, 64, 32)}  # (BLOCK_M, BLOCK_V, BLOCK_K)
+# (BLOCK_M, BLOCK_V, BLOCK_K) over 8 warps on a GPU: chosen with tools/compile_kernels.py as the widest tiles that
+# compile without spills (no stack, no local memory) on sm_80 and sm_90; fp32 tiles are thinner in K.
+LINEAR_BLOCKS = {"cuda": (64, 128, 32), "cuda-fp32": (64, 128, 16), "cpu": (16, 64, 32)}
 
 
 def linear_lse_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
@@ -248,11 +250,15 @@ def linear_lse_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                    splits: int | None = None) -> tuple[Launch, dict[str, torch.Tensor]]:
     """Launch of the fused LM-head log-sum-exp over rows of ``hidden`` [N, H] (``weight`` [V, H], row-major):
     partial (max, Σ exp2, Σ e·z, target logit) per vocabulary slice, [splits, N] each, all in base 2. The
-    vocabulary is split so that about four programs per SM run on a GPU (``splits`` overrides it)."""
+    vocabulary is split so that about four programs per SM run on a GPU (``splits`` overrides it). Offsets are
+    32-bit: N·H, V·H and splits·N must stay below 2^31 (``linear_fits``)."""
     device_type = device_type or hidden.device.type
     n, h = hidden.shape
     vocab = weight.shape[0]
-    block_m, block_v, block_k = LINEAR_BLOCKS["cuda" if device_type == "cuda" else "cpu"]
+    if device_type == "cuda":
+        block_m, block_v, block_k = LINEAR_BLOCKS["cuda-fp32" if hidden.dtype == torch.float32 else "cuda"]
+    else:
+        block_m, block_v, block_k = LINEAR_BLOCKS["cpu"]
     if TUNING.block_v is not None:
         block_v = TUNING.block_v
     row_blocks = max(1, -(-n // block_m))
@@ -272,9 +278,13 @@ def linear_lse_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                 cols_per_split=cols_per_split)
     constexprs = dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, HAS_BIAS=bias is not None,
                       ENTROPY=entropy, IEEE=hidden.dtype == torch.float32)
-    # 4 warps (one warpgroup on sm_90) over a 64 x 128 fp32 accumulator; no register bound (AOT: 168 registers on
-    # sm_80, 255 on sm_90 for 16-bit inputs, no spills)
-    launch = Launch(_kernels().linear_lse_fwd_kernel, n, args, constexprs, 4, hidden.device, device_type,
+    launch = Launch(_kernels().linear_lse_fwd_kernel, n, args, constexprs, 8 if device_type == "cuda" else 4,
+                    hidden.device, device_type,
                     grid=(row_blocks if n else 0, splits), maxnreg=None,
                     num_stages=2 if hidden.dtype == torch.float32 else 3)
     return launch, out
+
+
+def linear_fits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear_lse_fwd`'s 32-bit offsets reach every element (else the PyTorch path runs)."""
+    return hidden.numel() < 2**31 and weight.numel() < 2**31 and hidden.shape[0] * 2048 < 2**31

@@ -129,6 +129,12 @@ def _scores_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 _LN2 = 0.6931471805599453
 
 
+def _fits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    from r1vl_fast.ops.launch import linear_fits
+
+    return linear_fits(hidden.reshape(-1, hidden.shape[-1]), weight)
+
+
 def _grad_block(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
                 lse: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
     """dz for one block from its recomputed logits and the saved log-sum-exp."""
@@ -201,8 +207,8 @@ def linear_log_probs(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     impl = resolve_impl(impl, hidden.device.type)
-    if hidden.dtype == torch.float64 or weight.dtype != hidden.dtype:
-        impl = "torch"  # the kernel takes fp32 / bf16 / fp16 hidden and weight of one dtype
+    if hidden.dtype == torch.float64 or weight.dtype != hidden.dtype or not _fits(hidden, weight):
+        impl = "torch"  # the kernel takes fp32 / bf16 / fp16 hidden and weight of one dtype, 32-bit offsets
     out = _LinearLogProbs.apply(hidden, weight, bias, ids, float(temperature), return_entropy, impl)
     return out  # type: ignore[no-any-return]
 

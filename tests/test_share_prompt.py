@@ -1,0 +1,133 @@
+"""Each prompt once per group (``--share_prompt``, the default) is exact: for the tiny Qwen2-VL, a tiny Qwen2.5-VL
+and a text-only LM, with left padding, prompts (and images) of different sizes in one batch and ragged
+completions, the shared layout gives the repeated layout's per-token log-probs, loss and every parameter's
+gradient; and the trainer takes the same steps with it (old and reference log-probs, mu = 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_trainer import TIME_KEYS, _config
+from test_trainer import _args as trainer_args
+
+from r1vl_fast.demo.models import build_demo_model, demo_processing, save_tiny_lm
+from r1vl_fast.modeling import completion_hidden, lm_head, load_model
+from r1vl_fast.ops import GRPOConfig, linear_grpo_loss
+from r1vl_fast.processing import Processing, batch_inputs, shared_inputs
+from r1vl_fast.recipes import run_grpo
+
+G = 3
+
+
+def _model(kind: str, tmp_path: Path) -> tuple[torch.nn.Module, Processing]:
+    if kind == "text":
+        path = save_tiny_lm(tmp_path / "lm", seed=1)
+        return load_model(str(path), device=torch.device("cpu"), dtype=torch.float32), Processing.from_pretrained(
+            str(path))
+    processing = demo_processing(3136, 4 * 3136)
+    model = build_demo_model(processing, seed=1, arch=kind)
+    return model.train(), processing
+
+
+def _prompts(processing: Processing) -> list:
+    if not processing.multimodal:
+        return [processing.encode_prompt(q, None) for q in ("What is 3 + 4?", "Name the shape with three sides, "
+                                                            "please, in one word.")]
+    return [processing.encode_prompt("How many shapes?", Image.new("RGB", (56, 56), (200, 30, 30))),
+            processing.encode_prompt("Which colour is the large one, and how many are there?",
+                                     Image.new("RGB", (112, 56), (30, 200, 30))),
+            processing.encode_prompt("Is there a circle?", Image.new("RGB", (56, 112), (30, 30, 200)))]
+
+
+def _loss(model: torch.nn.Module, batch: dict, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    hidden = completion_hidden(model, batch, ids.shape[1])
+    weight, bias = lm_head(model)
+    rewards = torch.linspace(0, 1, ids.shape[0])
+    return linear_grpo_loss(hidden, weight, ids, mask, config=GRPOConfig(beta=0.0, group_size=G), rewards=rewards,
+                            bias=bias)
+
+
+@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen2.5-vl", "text"])
+def test_shared_prompts_give_the_repeated_layouts_log_probs_and_gradients(kind: str, tmp_path: Path) -> None:
+    model, processing = _model(kind, tmp_path)
+    prompts = _prompts(processing)
+    g = torch.Generator().manual_seed(0)
+    vocab = len(processing.tokenizer)
+    lengths = torch.randint(1, 7, (len(prompts) * G,), generator=g).tolist()
+    responses = [torch.randint(0, vocab - 20, (n,), generator=g).tolist() for n in lengths]
+    responses = [[t for t in r if t not in processing.vision_token_ids] or [1] for r in responses]
+    width = max(len(r) for r in responses)
+    ids = torch.zeros(len(responses), width, dtype=torch.long)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, r in enumerate(responses):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+
+    repeated = batch_inputs(processing, [p for p in prompts for _ in range(G)], responses)
+    shared = shared_inputs(processing, prompts, responses, G)
+    assert shared["input_ids"].shape[0] == len(prompts)  # the prompts (and images) once
+    results = []
+    for batch in (repeated, shared):
+        model.zero_grad()
+        loss, metrics = _loss(model, batch, ids, mask)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), metrics["logp"], grads))
+    (loss_r, logp_r, grads_r), (loss_s, logp_s, grads_s) = results
+    torch.testing.assert_close(logp_s[mask], logp_r[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_s, loss_r, rtol=1e-5, atol=1e-7)
+    assert grads_s.keys() == grads_r.keys() and len(grads_r) > 10
+    for name, grad in grads_r.items():
+        err = float((grads_s[name] - grad).norm()) / max(float(grad.norm()), 1e-12)
+        assert err < 1e-5, (name, err)
+
+
+def test_the_trainer_takes_the_same_steps_with_shared_prompts(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """mu = 2 (old log-probs, a reused rollout buffer) and beta > 0 (reference log-probs), both layouts."""
+    runs = {}
+    for share in ("true", "false"):
+        out = tmp_path / share
+        run_grpo(_config(trainer_args(tiny, out, max_steps=4, num_iterations=2, save_steps=1, num_generations=4,
+                                      per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                                      share_prompt=share)))
+        runs[share] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert json.loads((out / "config.json").read_text())["share_prompt"] is (share == "true")
+    assert all(m["grad_norm"] > 0 for m in runs["true"])
+    for a, b in zip(runs["true"], runs["false"]):
+        for key in set(a) - set(TIME_KEYS) - {"time/total", "step_time"}:
+            if isinstance(a[key], float) and not key.startswith("time"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_each_image_is_processed_once_per_run(tiny: dict[str, Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three rows with odd-sized images, two epochs: each image is decoded, resized and patchified once, and the
+    token count the rollouts and the update see is the one validation counted."""
+    rows = [json.loads(line) for line in Path(tiny["rl"]).read_text().splitlines()[:3]]
+    for row, size in zip(rows, ((57, 83), (130, 61), (91, 90))):
+        image = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.new("RGB", size, (size[0], size[1], 90)).save(image)
+        row["image_path"] = image.name
+    data = tmp_path / "odd.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls: list[tuple[int, int, int]] = []
+    real = Processing.encode_prompt
+
+    def counted(self: Processing, problem: str, image: Image.Image | None):  # type: ignore[no-untyped-def]
+        out = real(self, problem, image)
+        if image is not None:  # (width, height) on disk, image tokens in the prompt, tokens the patches make
+            calls.append((self.image_token_count(*image.size),
+                          out.input_ids.count(self.image_token_id),
+                          int(out.image_grid_thw.prod()) // self.merge_size**2))
+        return out
+
+    monkeypatch.setattr(Processing, "encode_prompt", counted)
+    run_grpo(_config(trainer_args(tiny, tmp_path / "run", dataset=data, max_steps=3, per_device_train_batch_size=2,
+                                  num_generations=2, gradient_accumulation_steps=1, max_pixels=4 * 3136,
+                                  max_prompt_length=128, save_steps=10)))
+    assert len(calls) == 3  # 6 prompts over 2 epochs, 3 distinct images
+    assert all(a == b == c for a, b, c in calls), calls
