@@ -112,7 +112,7 @@ def main() -> None:
                       "completion_tokens": args.completion, "group": G, "prompts": args.prompts,
                       "update_TFLOP": flops / 1e12, "backbone_TFLOP": backbone_flops / 1e12,
                       "update_seconds": update_s, "reference_seconds": reference_s,
-                      "update_peak_extra_MB": peak / 2**20, "logp_sum": float(logp.double().sum()),
+                      "update_peak_extra_MB": peak / 2**20, "logp_sum": float(logp.detach().double().sum()),
                       "ref_logp_sum": float(ref.double().sum())}))
 
 
