@@ -189,6 +189,9 @@ class GRPOTrainConfig(RunConfig):
                                      "[B, T, V] logits tensor (false: materialise the logits, as TRL does).")
     share_prompt: bool = _opt(True, "Run each prompt (and its image) once for its G completions, which attend to "
                                     "its keys and values, instead of repeating it G times: exact, and cheaper.")
+    freeze_vision: bool = _opt(False, "Keep the vision encoder frozen (EasyR1's freeze_vision_tower); its image "
+                                      "embeddings are then computed once per rollout batch and reused by every "
+                                      "pass.")
     rollout_engine: str = _opt("auto", "Rollout engine: vllm (colocated, in-process), hf (transformers generate), or "
                                        "auto (vllm when importable on a GPU, else hf).", ENGINES)
     vllm_gpu_memory_utilization: float = _opt(0.3, "Fraction of the device memory vLLM may take (weights + KV "

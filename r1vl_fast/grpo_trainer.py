@@ -21,7 +21,7 @@ import torch
 from r1vl_fast.config import GRPOTrainConfig
 from r1vl_fast.data import Sample
 from r1vl_fast.distributed import World, all_sum, reduce_metrics, unwrap
-from r1vl_fast.modeling import completion_hidden, completion_log_probs, completion_logits, lm_head
+from r1vl_fast.modeling import completion_hidden, completion_log_probs, completion_logits, embed_images, lm_head
 from r1vl_fast.ops import grpo_loss, importance_weights, linear_grpo_loss
 from r1vl_fast.optim import TrainerBase
 from r1vl_fast.processing import Processing, PromptCache, PromptInputs, batch_inputs, shared_inputs
@@ -129,6 +129,8 @@ class StepGRPOTrainer(TrainerBase):
         else:
             inputs = batch_inputs(self.processing, [p for p in prompts for _ in range(G)], responses,
                                   device=self.device)
+        if c.freeze_vision:  # the frozen encoder runs once per batch; every pass below reuses its embeddings
+            inputs = embed_images(self.policy, inputs)
         ids = rollouts.completion_ids.to(self.device)
         mask = rollouts.completion_mask.to(self.device)
         start = time.perf_counter()

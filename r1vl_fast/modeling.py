@@ -37,7 +37,7 @@ def completion_logits(model: Any, batch: dict[str, torch.Tensor], completion_len
     ``batch['input_ids']``: position t predicts completion token t, the last position predicts past the end. The
     loss takes this buffer as it is (``grpo_loss(..., last_position_unused=True)``): a slice would make autograd
     copy its gradient into a zeroed buffer of the full size."""
-    return model(**batch, use_cache=False, logits_to_keep=completion_length + 1).logits
+    return model(**_model_inputs(batch), use_cache=False, logits_to_keep=completion_length + 1).logits
 
 
 def completion_hidden(model: Any, batch: dict[str, torch.Tensor], completion_length: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def completion_hidden(model: Any, batch: dict[str, torch.Tensor], completion_len
     :func:`r1vl_fast.processing.shared_inputs` runs each prompt once (:func:`shared_completion_hidden`)."""
     if SHARED_KEY in batch:
         return shared_completion_hidden(model, batch, completion_length)
-    out = model(**batch, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    out = model(**_model_inputs(batch), use_cache=False, logits_to_keep=1, output_hidden_states=True)
     return out.hidden_states[-1][:, -completion_length - 1:-1]
 
 
@@ -62,7 +62,7 @@ def shared_completion_hidden(model: Any, batch: dict[str, torch.Tensor], complet
     repeated layout (``tests/test_share_prompt.py``)."""
     group = int(batch["group_size"])
     prompt = {k: v for k, v in batch.items() if not k.startswith("completion_") and k != "group_size"}
-    first = model(**prompt, use_cache=True, logits_to_keep=1, output_hidden_states=True)
+    first = model(**_model_inputs(prompt), use_cache=True, logits_to_keep=1, output_hidden_states=True)
     last_prompt = first.hidden_states[-1][:, -1:].repeat_interleave(group, dim=0)
     steps = completion_length - 1  # the last completion token predicts past the end: not run
     if steps <= 0:
@@ -89,6 +89,46 @@ def shared_completion_hidden(model: Any, batch: dict[str, torch.Tensor], complet
     second = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
                    output_hidden_states=True, **extra)
     return torch.cat([last_prompt, second.hidden_states[-1]], dim=1)
+
+
+def vision_tower(model: Any) -> Any | None:
+    """The vision encoder (with its merger) of a Qwen2-VL / Qwen2.5-VL model, or None for a text-only one."""
+    return getattr(getattr(unwrap_model(model), "model", None), "visual", None)
+
+
+def freeze_vision(model: Any) -> None:
+    """``--freeze_vision``: the vision encoder and its merger keep their weights (EasyR1's freeze_vision_tower)."""
+    visual = vision_tower(model)
+    if visual is None:
+        raise ValueError("--freeze_vision: the model has no vision encoder")
+    visual.requires_grad_(False)
+
+
+@torch.no_grad()
+def embed_images(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with its pixel patches replaced by their image embeddings (``image_embeds``), computed once by the
+    frozen vision encoder and reused by every later pass over the batch (policy, old policy, reference: a frozen
+    encoder is the same in all three). Exact: the model takes them as ``mm_encoder_outputs``."""
+    if "pixel_values" not in batch:
+        return batch
+    inner = unwrap_model(model).model
+    features = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+    out = {k: v for k, v in batch.items() if k != "pixel_values"}
+    out["image_embeds"] = torch.cat(features.pooler_output)
+    out["image_embed_sizes"] = torch.tensor([len(f) for f in features.pooler_output])
+    return out
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The keyword arguments a model takes for ``batch``: cached image embeddings become ``mm_encoder_outputs``."""
+    if "image_embeds" not in batch:
+        return batch
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    embeds = torch.split(batch["image_embeds"], batch["image_embed_sizes"].tolist())
+    rest = {k: v for k, v in batch.items() if k not in ("image_embeds", "image_embed_sizes")}
+    cached = BaseModelOutputWithPooling(pooler_output=embeds)  # type: ignore[arg-type]
+    return {**rest, "mm_encoder_outputs": {"image": cached}}
 
 
 def unwrap_model(model: Any) -> Any:

@@ -25,7 +25,7 @@ from r1vl_fast.checkpoint import STATE_FILE, load_state, resolve_checkpoint, sav
 from r1vl_fast.config import RunConfig, to_dict
 from r1vl_fast.distributed import World, all_sum, barrier, full_model_state, init_world, unwrap, wrap
 from r1vl_fast.errors import ConfigError, NonFiniteError, Stopped
-from r1vl_fast.modeling import load_model
+from r1vl_fast.modeling import freeze_vision, load_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.tracking import RunLog
 
@@ -163,6 +163,8 @@ def start_run(config: RunConfig) -> Run:
 def load_policy(run: Run, config: RunConfig) -> Any:
     """The trainable policy at its current weights, with gradient checkpointing if asked, wrapped for DDP / FSDP2."""
     policy = load_model(run.weights, device=run.device, dtype=run.dtype)
+    if getattr(config, "freeze_vision", False):  # before DDP / FSDP2 see which parameters train
+        freeze_vision(policy)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return wrap(policy, run.world, fsdp=config.fsdp, param_dtype=run.dtype)

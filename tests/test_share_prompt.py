@@ -131,3 +131,40 @@ def test_each_image_is_processed_once_per_run(tiny: dict[str, Path], tmp_path: P
                                   max_prompt_length=128, save_steps=10)))
     assert len(calls) == 3  # 6 prompts over 2 epochs, 3 distinct images
     assert all(a == b == c for a, b, c in calls), calls
+
+
+@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen2.5-vl"])
+def test_frozen_vision_embeddings_are_computed_once_and_reused_exactly(kind: str, tmp_path: Path) -> None:
+    """--freeze_vision: the image embeddings of a batch, computed once, give every later pass the hidden states that
+    the pixels give, in both layouts, without running the vision encoder again."""
+    from r1vl_fast.modeling import embed_images, freeze_vision, vision_tower
+
+    model, processing = _model(kind, tmp_path)
+    freeze_vision(model)
+    prompts = _prompts(processing)
+    words = processing.tokenizer.encode("three red squares and a circle", add_special_tokens=False)
+    responses = [words[i % 3: i % 3 + 1 + i % 3] for i in range(len(prompts) * G)]
+    calls = []
+    vision_tower(model).register_forward_hook(lambda *_: calls.append(1))
+    for batch in (batch_inputs(processing, [p for p in prompts for _ in range(G)], responses),
+                  shared_inputs(processing, prompts, responses, G)):
+        want = completion_hidden(model, batch, 3)
+        cached = embed_images(model, batch)
+        assert "pixel_values" not in cached and len(calls) == 2  # the pixels' pass, then the one embedding
+        calls.clear()
+        for _ in range(2):  # e.g. the old-policy pass, then the update
+            torch.testing.assert_close(completion_hidden(model, cached, 3), want, rtol=1e-6, atol=1e-6)
+        assert not calls
+    assert not any(p.requires_grad for p in vision_tower(model).parameters())
+
+
+def test_the_trainer_with_a_frozen_vision_encoder(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "frozen"
+    run_grpo(_config(trainer_args(tiny, out, max_steps=2, num_iterations=2, save_steps=2, freeze_vision="true")))
+    before = load_file(str(Path(tiny["model"]) / "model.safetensors"))
+    after = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    visual = [k for k in before if ".visual." in k or k.startswith("visual.")]
+    assert visual and all(torch.equal(before[k], after[k]) for k in visual)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in visual)  # the rest trained
