@@ -57,19 +57,15 @@ class RolloutBatch:
 
 
 def share_prompt_here(config: GRPOTrainConfig, world: World | None) -> bool:
-    """Whether this run shares each prompt over its group (``--share_prompt``), said once when it cannot: the
-    shared layout runs on the fused LM head, and needs the model's KV cache, which transformers turns off under
-    gradient checkpointing. (Under torchrun it is checked: 2 DDP or FSDP2 ranks take one rank's steps.)"""
-    if not config.share_prompt:
-        return False
-    why = ("--fused_lm_head false" if not config.fused_lm_head else
-           "--gradient_checkpointing (transformers then returns no KV cache)" if config.gradient_checkpointing else
-           None)
-    if why is not None:
+    """Whether this run shares each prompt over its group (``--share_prompt``); the shared layout runs on the fused
+    LM head, and says once when ``--fused_lm_head false`` turns it off. (Checked with gradient checkpointing, and
+    under torchrun: 2 DDP or FSDP2 ranks take one rank's steps.)"""
+    if config.share_prompt and not config.fused_lm_head:
         if world is None or world.main:
-            log.warning("--share_prompt: each prompt is repeated G times instead of run once, because of %s", why)
+            log.warning("--share_prompt: each prompt is repeated G times instead of run once, because of "
+                        "--fused_lm_head false")
         return False
-    return True
+    return config.share_prompt
 
 
 class StepGRPOTrainer(TrainerBase):

@@ -3,7 +3,10 @@ completions under a model."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -62,16 +65,23 @@ def shared_completion_hidden(model: Any, batch: dict[str, torch.Tensor], complet
     repeated layout (``tests/test_share_prompt.py``)."""
     group = int(batch["group_size"])
     prompt = {k: v for k, v in batch.items() if not k.startswith("completion_") and k != "group_size"}
-    first = model(**_model_inputs(prompt), use_cache=True, logits_to_keep=1, output_hidden_states=True)
-    last_prompt = first.hidden_states[-1][:, -1:].repeat_interleave(group, dim=0)
-    steps = completion_length - 1  # the last completion token predicts past the end: not run
-    if steps <= 0:
-        return last_prompt[:, :completion_length]
-    cache = first.past_key_values
-    if cache is None:
-        raise RuntimeError("the model returned no KV cache (gradient checkpointing disables it): share_prompt "
-                           "needs it; pass --share_prompt false")
-    cache.batch_repeat_interleave(group)
+    with _checkpoint_with_cache(model):
+        recorded = _RecordingCache()
+        first = model(**_model_inputs(prompt), past_key_values=recorded, use_cache=True, logits_to_keep=1,
+                      output_hidden_states=True)
+        last_prompt = first.hidden_states[-1][:, -1:].repeat_interleave(group, dim=0)
+        steps = completion_length - 1  # the last completion token predicts past the end: not run
+        if steps <= 0:
+            return last_prompt[:, :completion_length]
+        cache = _PrefixCache([(k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0))
+                              for k, v in (recorded.kv[i] for i in sorted(recorded.kv))])
+        second = _completions(model, batch, prompt, cache, group, steps)
+    return torch.cat([last_prompt, second.hidden_states[-1]], dim=1)
+
+
+def _completions(model: Any, batch: dict[str, torch.Tensor], prompt: dict[str, torch.Tensor], cache: Any,
+                 group: int, steps: int) -> Any:
+    """The P·G completions' forward on the prompts' repeated keys and values."""
     ids = batch["completion_input_ids"][:, :steps]
     mask = torch.cat([prompt["attention_mask"].repeat_interleave(group, dim=0),
                       batch["completion_attention_mask"][:, :steps]], dim=1)
@@ -86,9 +96,70 @@ def shared_completion_hidden(model: Any, batch: dict[str, torch.Tensor], complet
             width = prompt["input_ids"].shape[1]
             positions = (width + torch.arange(steps, device=ids.device)).expand(prompt["input_ids"].shape[0], -1)
         extra["position_ids"] = positions.repeat_interleave(group, dim=0)[None].expand(3, -1, -1)
-    second = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                   output_hidden_states=True, **extra)
-    return torch.cat([last_prompt, second.hidden_states[-1]], dim=1)
+    return model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                 output_hidden_states=True, **extra)
+
+
+@functools.cache
+def _cache_classes() -> tuple[type, type]:
+    from transformers import DynamicCache
+
+    class RecordingCache(DynamicCache):
+        """Keeps each layer's keys and values as the prompt forward makes them (a recompute under gradient
+        checkpointing overwrites them with equal ones) instead of accumulating them."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            self.kv[layer_idx] = (key_states, value_states)
+            return key_states, value_states
+
+    class PrefixCache(DynamicCache):
+        """The prompts' keys and values, G-fold, read by the completions' attention and never appended to, so that
+        a recompute under gradient checkpointing sees the same cache as the forward did."""
+
+        def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+            super().__init__()
+            for i, (k, v) in enumerate(prefix):
+                super().update(k, v, i)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            layer: Any = self.layers[layer_idx]
+            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+    return RecordingCache, PrefixCache
+
+
+def _RecordingCache() -> Any:  # noqa: N802 (built lazily: transformers is imported on first use)
+    return _cache_classes()[0]()
+
+
+def _PrefixCache(prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:  # noqa: N802
+    return _cache_classes()[1](prefix)
+
+
+@contextlib.contextmanager
+def _checkpoint_with_cache(model: Any) -> Iterator[None]:
+    """Let transformers' gradient-checkpointed decoder layers keep the caches above (their default drops any
+    cache, since an appending one would grow again on recompute; these two do not append)."""
+    from r1vl_fast.distributed import decoder_layers
+
+    layers = decoder_layers(unwrap_model(model))
+    saved = [layer.__dict__.get("_can_checkpoint_with_cache") for layer in layers]
+    for layer in layers:
+        setattr(layer, "_can_checkpoint_with_cache", True)  # noqa: B010 (an instance attribute nn.Module types)
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, saved):
+            if value is None:
+                layer.__dict__.pop("_can_checkpoint_with_cache", None)
+            else:
+                setattr(layer, "_can_checkpoint_with_cache", value)  # noqa: B010
 
 
 def vision_tower(model: Any) -> Any | None:

@@ -51,9 +51,15 @@ def _loss(model: torch.nn.Module, batch: dict, ids: torch.Tensor, mask: torch.Te
                             bias=bias)
 
 
-@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen2.5-vl", "text"])
-def test_shared_prompts_give_the_repeated_layouts_log_probs_and_gradients(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind, checkpointing", [("qwen2-vl", False), ("qwen2.5-vl", False), ("text", False),
+                                                  ("qwen2-vl", True), ("text", True)])
+def test_shared_prompts_give_the_repeated_layouts_log_probs_and_gradients(kind: str, checkpointing: bool,
+                                                                         tmp_path: Path) -> None:
+    """With gradient checkpointing too: the shared layout's caches never grow, so a recompute sees what the
+    forward saw."""
     model, processing = _model(kind, tmp_path)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prompts = _prompts(processing)
     g = torch.Generator().manual_seed(0)
     vocab = len(processing.tokenizer)
@@ -86,14 +92,17 @@ def test_shared_prompts_give_the_repeated_layouts_log_probs_and_gradients(kind: 
         assert err < 1e-5, (name, err)
 
 
-def test_the_trainer_takes_the_same_steps_with_shared_prompts(tiny: dict[str, Path], tmp_path: Path) -> None:
-    """mu = 2 (old log-probs, a reused rollout buffer) and beta > 0 (reference log-probs), both layouts."""
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_the_trainer_takes_the_same_steps_with_shared_prompts(tiny: dict[str, Path], tmp_path: Path,
+                                                              checkpointing: str) -> None:
+    """mu = 2 (old log-probs, a reused rollout buffer) and beta > 0 (reference log-probs), both layouts, with and
+    without gradient checkpointing."""
     runs = {}
     for share in ("true", "false"):
         out = tmp_path / share
         run_grpo(_config(trainer_args(tiny, out, max_steps=4, num_iterations=2, save_steps=1, num_generations=4,
                                       per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                                      share_prompt=share)))
+                                      share_prompt=share, gradient_checkpointing=checkpointing)))
         runs[share] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert json.loads((out / "config.json").read_text())["share_prompt"] is (share == "true")
     assert all(m["grad_norm"] > 0 for m in runs["true"])
