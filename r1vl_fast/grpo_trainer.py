@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,7 +83,9 @@ class StepGRPOTrainer(TrainerBase):
         self.loss_config = config.loss_config()  # the loss settings, built once
         self.impl = config.loss_impl
         self.share_prompt = share_prompt_here(config, self.world)
-        self.prompts = PromptCache(processing)  # rollouts and training share one processing of each image
+        # rollouts and training share one processing of each image; past 1 GiB, entries wait on disk
+        spill = Path(config.output_dir) / "prompt_cache" if config.output_dir is not None else None
+        self.prompts = PromptCache(processing, spill_dir=spill)
 
     # ------------------------------------------------------------------------------------------------ one step
 

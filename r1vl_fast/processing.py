@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -234,36 +235,65 @@ def shared_inputs(
 
 class PromptCache:
     """Each distinct (problem, image) turned into model inputs once per run: the resized image, its pixel patches,
-    ``image_grid_thw`` and the prompt's token ids, keyed by the image file's content hash, least recently used out
-    first beyond ``max_bytes`` of pixel patches. Rollouts and training take the same ``PromptInputs``, so the
-    engine and the trainer cannot disagree on an image's token count. ``images_processed`` counts the images
-    actually decoded and resized."""
+    ``image_grid_thw`` and the prompt's token ids, keyed by the image file's content hash and the pixel budget.
+    Rollouts and training take the same ``PromptInputs``, so the engine and the trainer cannot disagree on an
+    image's token count. Beyond ``max_bytes`` of pixel patches in memory, the least recently used entries move to
+    ``spill_dir`` (one file each, read back memory-mapped), or are dropped without one. ``images_processed`` counts
+    the images actually decoded and resized."""
 
-    def __init__(self, processing: Processing, max_bytes: int = 1 << 30) -> None:
-        self.processing, self.max_bytes = processing, max_bytes
-        self._entries: OrderedDict[tuple[str, str | None], PromptInputs] = OrderedDict()
+    def __init__(self, processing: Processing, max_bytes: int = 1 << 30, spill_dir: Path | None = None) -> None:
+        self.processing, self.max_bytes, self.spill_dir = processing, max_bytes, spill_dir
+        self._entries: OrderedDict[str, PromptInputs] = OrderedDict()
+        self._spilled: dict[str, Path] = {}
         self._bytes = 0
         self.images_processed = 0
 
+    def _key(self, problem: str, image: Path | None) -> str:
+        h = hashlib.sha1(problem.encode())
+        if image is not None:
+            h.update(image.read_bytes())
+            h.update(f"{self.processing.min_pixels}/{self.processing.max_pixels}".encode())
+        return h.hexdigest()
+
+    @staticmethod
+    def _size(inputs: PromptInputs) -> int:
+        return inputs.pixel_values.numel() * inputs.pixel_values.element_size() if inputs.pixel_values is not None \
+            else 0
+
     def get(self, problem: str, image: Path | None) -> PromptInputs:
-        digest = hashlib.sha1(image.read_bytes()).hexdigest() if image is not None else None
-        key = (problem, digest)
+        key = self._key(problem, image)
         hit = self._entries.get(key)
         if hit is not None:
             self._entries.move_to_end(key)
             return hit
-        if image is None:
+        if key in self._spilled:
+            inputs = self._load(self._spilled[key])
+        elif image is None:
             inputs = self.processing.encode_prompt(problem, None)
         else:
             with Image.open(image) as im:
                 inputs = self.processing.encode_prompt(problem, im)
             self.images_processed += 1
-        size = inputs.pixel_values.numel() * inputs.pixel_values.element_size() if inputs.pixel_values is not None \
-            else 0
         self._entries[key] = inputs
-        self._bytes += size
+        self._bytes += self._size(inputs)
         while self._bytes > self.max_bytes and len(self._entries) > 1:
-            _, old = self._entries.popitem(last=False)
-            self._bytes -= old.pixel_values.numel() * old.pixel_values.element_size() \
-                if old.pixel_values is not None else 0
+            old_key, old = self._entries.popitem(last=False)
+            self._bytes -= self._size(old)
+            if self.spill_dir is not None and old.pixel_values is not None and old_key not in self._spilled:
+                self._spilled[old_key] = self._save(old_key, old)
         return inputs
+
+    def _save(self, key: str, inputs: PromptInputs) -> Path:
+        assert self.spill_dir is not None and inputs.image is not None
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"{key}.pt"
+        torch.save({"input_ids": torch.tensor(inputs.input_ids), "pixel_values": inputs.pixel_values,
+                    "image_grid_thw": inputs.image_grid_thw,
+                    "image": torch.from_numpy(np.asarray(inputs.image.convert("RGB")).copy())}, path)
+        return path
+
+    @staticmethod
+    def _load(path: Path) -> PromptInputs:
+        saved = torch.load(path, mmap=True, weights_only=True)
+        return PromptInputs(saved["input_ids"].tolist(), saved["pixel_values"], saved["image_grid_thw"],
+                            Image.fromarray(saved["image"].numpy()))

@@ -80,7 +80,7 @@ def resume_point(config: RunConfig, output_dir: Path) -> Path | None:
 
 # What a run writes into its output directory; a new run refuses a directory that holds any of these.
 RUN_FILES = ("config.json", "metrics.jsonl", "completions.jsonl", "eval.json", "summary.json", "reward_curve.png",
-             "tensorboard")
+             "tensorboard", "prompt_cache")
 _CHECKPOINT_DIR = re.compile(r"^(\.tmp-)?checkpoint-\d+$")
 
 

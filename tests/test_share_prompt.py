@@ -177,3 +177,27 @@ def test_the_trainer_with_a_frozen_vision_encoder(tiny: dict[str, Path], tmp_pat
     visual = [k for k in before if ".visual." in k or k.startswith("visual.")]
     assert visual and all(torch.equal(before[k], after[k]) for k in visual)
     assert any(not torch.equal(before[k], after[k]) for k in before if k not in visual)  # the rest trained
+
+
+def test_the_prompt_cache_spills_to_disk_and_never_processes_an_image_twice(tmp_path: Path) -> None:
+    from r1vl_fast.processing import PromptCache
+
+    processing = demo_processing(3136, 4 * 3136)
+    images = []
+    for i, size in enumerate(((57, 83), (130, 61))):
+        images.append(tmp_path / f"{i}.png")
+        Image.new("RGB", size, (9 * i, 90, 200)).save(images[-1])
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(images[0].read_bytes())  # the same content under another name
+    cache = PromptCache(processing, max_bytes=1, spill_dir=tmp_path / "spill")  # one entry in memory at a time
+    first = cache.get("How many?", images[0])
+    cache.get("How many?", images[1])  # evicts the first to disk
+    assert len(list((tmp_path / "spill").glob("*.pt"))) == 1
+    again = cache.get("How many?", copy)  # from disk, memory-mapped
+    assert cache.images_processed == 2
+    assert again.input_ids == first.input_ids and torch.equal(again.image_grid_thw, first.image_grid_thw)
+    assert torch.equal(again.pixel_values, first.pixel_values) and again.image.size == first.image.size
+    assert list(again.image.getdata()) == list(first.image.getdata())
+    other = PromptCache(demo_processing(3136, 3136), spill_dir=tmp_path / "spill")  # another pixel budget
+    other.get("How many?", images[0])
+    assert other.images_processed == 1

@@ -80,15 +80,17 @@ def _scores(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, id
     logp = torch.empty(n, dtype=_acc(weight), device=h.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if entropy else None
-    step = block_rows(weight.shape[0], n)
+    step = block_rows(weight.shape[0], n, 2 * BLOCK_BYTES)  # no gradient buffers here: blocks twice as tall
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         z = _logits(h[rows], weight, bias, temperature)
-        lse[rows] = torch.logsumexp(z, dim=-1)
-        logp[rows] = _target(h[rows], weight, bias, ids[rows], temperature) - lse[rows]
         if ent is not None:  # H = lse − Σ p·z
-            p = torch.exp(z - lse[rows, None])
-            ent[rows] = lse[rows] - (p * z).sum(-1)
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            ent[rows] = lse[rows] - (torch.exp(z - lse[rows, None]) * z).sum(-1)
+        else:  # the block's exponentials in place: no second block-sized buffer
+            top = z.amax(dim=-1)
+            lse[rows] = top + z.sub_(top[:, None]).exp_().sum(dim=-1).log()
+        logp[rows] = _target(h[rows], weight, bias, ids[rows], temperature) - lse[rows]
     return logp, lse, ent
 
 
