@@ -234,7 +234,9 @@ def run_loop(trainer: Trainer, config: RunConfig, output_dir: Path, processing: 
     try:
         with GracefulStop() as stop:
             while trainer.step_idx < trainer.total_steps:
+                start = time.perf_counter()
                 metrics = trainer.step()
+                metrics["time/step"] = time.perf_counter() - start  # the whole step, as a user waits for it
                 if evaluate is not None and eval_steps > 0 and trainer.step_idx % eval_steps == 0:
                     start = time.perf_counter()
                     metrics |= {f"eval/{k}": v for k, v in evaluate().items()}

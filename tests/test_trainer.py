@@ -29,7 +29,7 @@ from r1vl_fast.rewards.step_rewards import StepRewards
 from r1vl_fast.rollout import HFRolloutEngine
 from r1vl_fast.train import main as train_main
 
-TIME_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/update")
+TIME_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/update", "time/step")
 REQUIRED = ("step", "loss", "reward", "reward_std", "rewards/step_rar", "rewards/step_rvr", "rewards/accuracy",
             "rewards/key_steps", "kl", "completion_length", "clip_ratio", *TIME_KEYS)
 
