@@ -5,7 +5,8 @@ Needs TRL (``pip install ".[peers]"``); skipped without it.
 
 Shape: the demo's tiny Qwen2-VL (8 prompts x G = 4 per step, 112-token completions, beta = 0.01, 56 x 56
 images, HF generate on both sides). ``R1VL_VS_TRL_STEPS`` steps per run (default 12; the median is over steps
-3..N), ``R1VL_VS_TRL_LEARN_STEPS`` for the learning check (default 100; 0 skips it).
+3..N), ``R1VL_VS_TRL_LEARN_STEPS`` for the learning check (default 100; 0 skips it): the training reward of the
+first and last fifth, and both trained policies scored on the held-out rows by ``python -m r1vl_fast.eval``.
 """
 
 from __future__ import annotations
@@ -78,13 +79,28 @@ def _ours(tiny: dict[str, Path], out: Path, steps: int) -> dict:
             "peak_rss_MB": json.loads(result.read_text())["peak_rss_MB"]}
 
 
-def _trl(tiny: dict[str, Path], out: Path, steps: int, first_prompt: Path | None = None) -> dict:
+def _held_out(checkpoint: Path, eval_rows: Path, out: Path) -> dict:
+    """Both trained policies scored by our evaluation CLI on the same held-out rows: 4 samples per prompt."""
+    proc = subprocess.run([sys.executable, "-m", "r1vl_fast.eval", "--model_name_or_path", str(checkpoint),
+                           "--dataset", str(eval_rows), "--output_dir", str(out), "--num_samples", "4",
+                           "--temperature", "1.0", "--max_new_tokens", str(SETTINGS["completion"]),
+                           "--min_pixels", "3136", "--max_pixels", str(SETTINGS["pixels"]), "--rollout_engine", "hf"],
+                          capture_output=True, text=True, timeout=1800, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    return {k: summary[k] for k in ("accuracy", "validity", "key_step_recall", "pass@4")}
+
+
+def _trl(tiny: dict[str, Path], out: Path, steps: int, first_prompt: Path | None = None,
+         save: Path | None = None) -> dict:
     s = SETTINGS
     args = [sys.executable, str(HERE / "trl_step.py"), "--model", str(tiny["model"]), "--dataset", str(tiny["rl"]),
             "--steps", str(steps), "--out", str(out.with_suffix(".json")),
             *[x for k in ("prompts", "G", "completion", "beta", "lr", "pixels", "seed") for x in (f"--{k}", str(s[k]))]]
     if first_prompt is not None:
         args += ["--first_prompt", str(first_prompt)]
+    if save is not None:
+        args += ["--save", str(save)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=3600, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.with_suffix(".json").read_text())
@@ -133,12 +149,18 @@ def test_both_learn_the_same(tiny: dict[str, Path], tmp_path: Path, benchmark) -
     steps = int(os.environ.get("R1VL_VS_TRL_LEARN_STEPS", "100"))
     if steps <= 0:
         pytest.skip("R1VL_VS_TRL_LEARN_STEPS=0")
-    results = {"ours": _ours(tiny, tmp_path / "ours-learn", steps), "trl": _trl(tiny, tmp_path / "trl-learn", steps)}
+    ours_dir, trl_dir = tmp_path / "ours-learn", tmp_path / "trl-final"
+    results = {"ours": _ours(tiny, ours_dir, steps), "trl": _trl(tiny, tmp_path / "trl-learn", steps, save=trl_dir)}
     fifth = max(1, steps // 5)
     summary = {who: {"first_fifth": statistics.mean(r["rewards"][:fifth]),
                      "last_fifth": statistics.mean(r["rewards"][-fifth:])} for who, r in results.items()}
+    held_out = {"start": _held_out(tiny["model"], tiny["eval"], tmp_path / "eval-start"),
+                "ours": _held_out(ours_dir / f"checkpoint-{steps}", tiny["eval"], tmp_path / "eval-ours"),
+                "trl": _held_out(trl_dir, tiny["eval"], tmp_path / "eval-trl")}
     print(f"\nmean training reward over {steps} steps, first fifth -> last fifth: {json.dumps(summary)}")
+    print(f"held-out (python -m r1vl_fast.eval, 64 prompts x 4 samples): {json.dumps(held_out)}")
     for who in summary:
         assert summary[who]["last_fifth"] > summary[who]["first_fifth"], who
+    summary["held_out"] = held_out
     benchmark.extra_info.update(summary)
     benchmark.pedantic(lambda: None, rounds=1)

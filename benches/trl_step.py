@@ -35,7 +35,7 @@ def main() -> None:  # noqa: PLR0915
     for name, kind, default in (("model", str, None), ("dataset", str, None), ("out", str, None), ("steps", int, 10),
                                 ("prompts", int, 8), ("G", int, 4), ("completion", int, 112), ("beta", float, 0.01),
                                 ("lr", float, 1e-4), ("pixels", int, 3136), ("seed", int, 42),
-                                ("first_prompt", str, None), ("temperature", float, 1.0)):
+                                ("first_prompt", str, None), ("temperature", float, 1.0), ("save", str, None)):
         parser.add_argument(f"--{name}", type=kind, default=default)
     args = parser.parse_args()
 
@@ -127,6 +127,12 @@ def main() -> None:  # noqa: PLR0915
 
     trainer.add_callback(Timer())
     trainer.train()
+    if args.save:  # the trained policy with our processing files, for python -m r1vl_fast.eval
+        # the model alone: TRL's save_model also saves the processor, whose missing video part cannot be saved
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(args.save)
+        from r1vl_fast.processing import Processing
+
+        Processing.from_pretrained(args.model, min_pixels=3136, max_pixels=args.pixels).save_pretrained(args.save)
     Path(args.out).write_text(json.dumps({"step_seconds": steps, "phases": dict(phases), "rewards": rewards,
                                           "peak_rss_MB": _rss_peak() / 2**20}))
 
