@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from r1vl_fast.distributed import decoder_layers, unwrap
 from r1vl_fast.ops import linear_log_probs, selective_log_probs
 from r1vl_fast.processing import SHARED_KEY, is_multimodal
 
@@ -89,7 +90,7 @@ def _completions(model: Any, batch: dict[str, torch.Tensor], prompt: dict[str, t
     if "mm_token_type_ids" in prompt:  # a vision-language model: its 3-D rotary positions, given explicitly
         extra["mm_token_type_ids"] = torch.zeros_like(ids, dtype=torch.int32)
         if "image_grid_thw" in prompt:  # text after the prompt: n + t, shifted by the prompt's rope delta
-            rope_deltas = unwrap_model(model).model.rope_deltas  # computed by the first forward, from its images
+            rope_deltas = unwrap(model).model.rope_deltas  # computed by the first forward, from its images
             start = prompt["attention_mask"].sum(dim=1, keepdim=True)
             positions = (start + torch.arange(steps, device=ids.device)) + rope_deltas.to(ids.device)
         else:  # no image in the batch: plain positions, as the repeated layout gets
@@ -146,9 +147,8 @@ def _PrefixCache(prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:  # noq
 def _checkpoint_with_cache(model: Any) -> Iterator[None]:
     """Let transformers' gradient-checkpointed decoder layers keep the caches above (their default drops any
     cache, since an appending one would grow again on recompute; these two do not append)."""
-    from r1vl_fast.distributed import decoder_layers
 
-    layers = decoder_layers(unwrap_model(model))
+    layers = decoder_layers(unwrap(model))
     saved = [layer.__dict__.get("_can_checkpoint_with_cache") for layer in layers]
     for layer in layers:
         setattr(layer, "_can_checkpoint_with_cache", True)  # noqa: B010 (an instance attribute nn.Module types)
@@ -164,7 +164,7 @@ def _checkpoint_with_cache(model: Any) -> Iterator[None]:
 
 def vision_tower(model: Any) -> Any | None:
     """The vision encoder (with its merger) of a Qwen2-VL / Qwen2.5-VL model, or None for a text-only one."""
-    return getattr(getattr(unwrap_model(model), "model", None), "visual", None)
+    return getattr(getattr(unwrap(model), "model", None), "visual", None)
 
 
 def freeze_vision(model: Any) -> None:
@@ -182,7 +182,7 @@ def embed_images(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.
     encoder is the same in all three). Exact: the model takes them as ``mm_encoder_outputs``."""
     if "pixel_values" not in batch:
         return batch
-    inner = unwrap_model(model).model
+    inner = unwrap(model).model
     features = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
     out = {k: v for k, v in batch.items() if k != "pixel_values"}
     out["image_embeds"] = torch.cat(features.pooler_output)
@@ -202,18 +202,12 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {**rest, "mm_encoder_outputs": {"image": cached}}
 
 
-def unwrap_model(model: Any) -> Any:
-    return getattr(model, "module", model)
-
-
 def lm_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's (weight [V, H], bias [V] or None), tied to the embedding or not. Call it right after a forward
     (:func:`completion_hidden`): under FSDP2 the root module then still holds its parameters gathered, so the
     head's gradient joins the embedding's in FSDP2's own reduce-scatter. A sharded weight outside a forward is
     gathered for a no-grad use only (the gradient of ``full_tensor`` would not be summed over ranks)."""
     from torch.distributed.tensor import DTensor
-
-    from r1vl_fast.distributed import unwrap
 
     head = unwrap(model).get_output_embeddings()
     params = [head.weight, getattr(head, "bias", None)]
