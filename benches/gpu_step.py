@@ -23,31 +23,10 @@ import torch
 
 
 def build_model(path: Path, layers: int, vision_depth: int) -> None:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    from r1vl_fast.demo.models import demo_processing
+    from r1vl_fast.demo.models import build_qwen2_vl_2b_width, demo_processing
 
     processing = demo_processing(3136, 3136)
-    vocab = processing.tokenizer.get_vocab()
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers,
-            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
-            bos_token_id=processing.pad_token_id, eos_token_id=processing.stop_token_ids[0],
-            pad_token_id=processing.pad_token_id, tie_word_embeddings=True,
-        ),
-        vision_config=dict(depth=vision_depth, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
-    model.generation_config.pad_token_id = processing.pad_token_id
-    model.generation_config.eos_token_id = processing.stop_token_ids
-    model.save_pretrained(path)
+    build_qwen2_vl_2b_width(processing, layers, vision_depth).to(torch.bfloat16).save_pretrained(path)
     processing.save_pretrained(path)
 
 

@@ -22,30 +22,12 @@ from loss_memory_probe import _resident  # this folder: run as a script
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from r1vl_fast.demo.models import demo_processing
+from r1vl_fast.demo.models import build_qwen2_vl_2b_width, demo_processing
 from r1vl_fast.modeling import completion_hidden, lm_head
 from r1vl_fast.ops import GRPOConfig, linear_grpo_loss, linear_log_probs
 from r1vl_fast.processing import batch_inputs, shared_inputs
 
 G = 4
-
-
-def qwen2_vl_2b_cut(processing) -> torch.nn.Module:  # type: ignore[no-untyped-def]
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    vocab = processing.tokenizer.get_vocab()
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=2,
-                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                         tie_word_embeddings=True),
-        vision_config=dict(depth=2, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return Qwen2VLForConditionalGeneration(config).train()
 
 
 def main() -> None:
@@ -56,7 +38,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1)
     args = parser.parse_args()
     processing = demo_processing(3136, args.pixels)
-    model = qwen2_vl_2b_cut(processing)
+    model = build_qwen2_vl_2b_width(processing, layers=2, vision_depth=2).train()
     side = int(args.pixels**0.5)
     question = ("Look at the figure. How many triangles are there in total, counting those formed by the crossing "
                 "lines? Explain each step, then give the final answer. ") * 2

@@ -3,10 +3,18 @@ same settings and our rewards, each trainer run as a user would (TRL through ben
 ``python -m r1vl_fast.train``), in separate processes interleaved A-B-B-A, because these machines are noisy.
 Needs TRL (``pip install ".[peers]"``); skipped without it.
 
-Shape: the demo's tiny Qwen2-VL (8 prompts x G = 4 per step, 112-token completions, beta = 0.01, 56 x 56
-images, HF generate on both sides). ``R1VL_VS_TRL_STEPS`` steps per run (default 12; the median is over steps
-3..N), ``R1VL_VS_TRL_LEARN_STEPS`` for the learning check (default 100; 0 skips it): the training reward of the
-first and last fifth, and both trained policies scored on the held-out rows by ``python -m r1vl_fast.eval``.
+Two shapes (``R1VL_VS_TRL_SHAPES``, default ``tiny``; ``tiny,2b`` for both):
+
+- ``tiny``: the demo's tiny Qwen2-VL after a short SFT warm-up, 8 prompts x G = 4 per step, 112-token completions,
+  56 x 56 images. ``R1VL_VS_TRL_STEPS`` steps per run (default 12), ``R1VL_VS_TRL_LEARN_STEPS`` for the learning
+  check (default 100; 0 skips it): the training reward of the first and last fifth, and both trained policies
+  scored on the held-out rows by ``python -m r1vl_fast.eval``.
+- ``2b``: a Qwen2-VL at Qwen2-VL-2B's widths with random weights (text 1536 wide, vocabulary 151,936 with a
+  tokenizer padded to it, vision 1280 wide; 2 of 28 decoder layers, 2 of 32 vision blocks), 400k-pixel images
+  (484 image tokens), 2 prompts x G = 4 per step, 128-token completions. ``R1VL_VS_TRL_2B_STEPS`` steps per run
+  (default 4). About 30 minutes on 2 cores.
+
+Each is beta = 0.01 with HF generate on both sides; the median step is over steps 3..N of both runs.
 """
 
 from __future__ import annotations
@@ -28,7 +36,14 @@ if not Path("/proc/self/status").exists():
     pytest.skip("peak memory is read from Linux's /proc/self/status", allow_module_level=True)
 
 HERE = Path(__file__).parent
-SETTINGS = dict(prompts=8, G=4, completion=112, beta=0.01, lr=1e-4, pixels=3136, seed=42)
+SHAPES = {
+    "tiny": dict(prompts=8, G=4, completion=112, beta=0.01, lr=1e-4, pixels=3136, seed=42, max_prompt_length=64,
+                 steps=int(os.environ.get("R1VL_VS_TRL_STEPS", "12"))),
+    "2b": dict(prompts=2, G=4, completion=128, beta=0.01, lr=1e-5, pixels=400_000, seed=42, max_prompt_length=1024,
+               steps=int(os.environ.get("R1VL_VS_TRL_2B_STEPS", "4"))),
+}
+TRL_ARGS = ("prompts", "G", "completion", "beta", "lr", "pixels", "seed")
+SETTINGS = SHAPES["tiny"]  # the learning check's
 OURS = """
 import json, sys
 from r1vl_fast.train import main
@@ -57,16 +72,35 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "model": run_sft(sft), **paths}
 
 
-def _ours(tiny: dict[str, Path], out: Path, steps: int) -> dict:
-    s = SETTINGS
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Qwen2-VL-2B's widths, 2 + 2 blocks deep, random weights, the demo tokenizer padded to 151,936 entries."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    from r1vl_fast.demo.models import build_qwen2_vl_2b_width, save_wide_tokenizer
+    from r1vl_fast.demo.shapes import write_demo_data
+    from r1vl_fast.processing import Processing
+
+    root = tmp_path_factory.mktemp("vs-trl-2b")
+    paths = write_demo_data(root / "data", train=64, sft=0, eval=0, seed=3)
+    pixels = SHAPES["2b"]["pixels"]
+    tokenizer = AutoTokenizer.from_pretrained(str(save_wide_tokenizer(root / "model")))
+    processing = Processing(tokenizer, Qwen2VLImageProcessorPil(), min_pixels=pixels, max_pixels=pixels)
+    build_qwen2_vl_2b_width(processing, layers=2, vision_depth=2).save_pretrained(root / "model")
+    processing.save_pretrained(root / "model")
+    return {"root": root, "model": root / "model", **paths}
+
+
+def _ours(tiny: dict[str, Path], out: Path, steps: int, s: dict = SETTINGS) -> dict:
     args = ["--model_name_or_path", str(tiny["model"]), "--dataset", str(tiny["rl"]), "--output_dir", str(out),
             "--max_steps", str(steps), "--per_device_train_batch_size", str(s["prompts"]),
             "--num_generations", str(s["G"]), "--gradient_accumulation_steps", "1",
-            "--max_completion_length", str(s["completion"]), "--max_prompt_length", "64", "--temperature", "1.0",
+            "--max_completion_length", str(s["completion"]), "--max_prompt_length", str(s["max_prompt_length"]),
+            "--temperature", "1.0",
             "--top_p", "1.0", "--top_k", "0", "--beta", str(s["beta"]), "--kl_estimator", "k3", "--epsilon", "0.2",
             "--loss_type", "grpo", "--learning_rate", str(s["lr"]), "--lr_scheduler_type", "constant",
             "--max_grad_norm", "1.0", "--bf16", "false", "--device", "cpu", "--rollout_engine", "hf",
-            "--min_pixels", "3136", "--max_pixels", str(s["pixels"]), "--seed", str(s["seed"]),
+            "--min_pixels", str(s["pixels"]), "--max_pixels", str(s["pixels"]), "--seed", str(s["seed"]),
             "--save_steps", str(10 * steps), "--report_to", "none", "--log_completions_steps", str(10 * steps)]
     result = out.with_suffix(".json")
     proc = subprocess.run([sys.executable, "-c", OURS, str(result), *args], capture_output=True, text=True,
@@ -92,11 +126,10 @@ def _held_out(checkpoint: Path, eval_rows: Path, out: Path) -> dict:
 
 
 def _trl(tiny: dict[str, Path], out: Path, steps: int, first_prompt: Path | None = None,
-         save: Path | None = None) -> dict:
-    s = SETTINGS
+         save: Path | None = None, s: dict = SETTINGS) -> dict:
     args = [sys.executable, str(HERE / "trl_step.py"), "--model", str(tiny["model"]), "--dataset", str(tiny["rl"]),
             "--steps", str(steps), "--out", str(out.with_suffix(".json")),
-            *[x for k in ("prompts", "G", "completion", "beta", "lr", "pixels", "seed") for x in (f"--{k}", str(s[k]))]]
+            *[x for k in TRL_ARGS for x in (f"--{k}", str(s[k]))]]
     if first_prompt is not None:
         args += ["--first_prompt", str(first_prompt)]
     if save is not None:
@@ -106,15 +139,15 @@ def _trl(tiny: dict[str, Path], out: Path, steps: int, first_prompt: Path | None
     return json.loads(out.with_suffix(".json").read_text())
 
 
-def _first_prompt_matches(tiny: dict[str, Path], trl_first: Path) -> None:
+def _first_prompt_matches(tiny: dict[str, Path], trl_first: Path, s: dict) -> None:
     from PIL import Image
 
     from r1vl_fast.data import EpochSampler, read_rows
     from r1vl_fast.processing import Processing
 
-    processing = Processing.from_pretrained(str(tiny["model"]), min_pixels=3136, max_pixels=SETTINGS["pixels"])
+    processing = Processing.from_pretrained(str(tiny["model"]), min_pixels=s["pixels"], max_pixels=s["pixels"])
     rows = [r.data for r in read_rows(tiny["rl"])]
-    i = EpochSampler(len(rows), SETTINGS["seed"]).take(1)[0]
+    i = EpochSampler(len(rows), s["seed"]).take(1)[0]
     with Image.open(Path(tiny["rl"]).parent / rows[i]["image_path"]) as image:
         ours = processing.encode_prompt(rows[i]["problem"], image)
     theirs = torch.load(trl_first)
@@ -122,14 +155,19 @@ def _first_prompt_matches(tiny: dict[str, Path], trl_first: Path) -> None:
     assert torch.equal(ours.pixel_values, theirs["pixel_values"])
 
 
-def test_step_time_against_trl(tiny: dict[str, Path], tmp_path: Path, benchmark) -> None:
-    steps = int(os.environ.get("R1VL_VS_TRL_STEPS", "12"))
+@pytest.mark.parametrize("shape", ["tiny", "2b"])
+def test_step_time_against_trl(shape: str, request: pytest.FixtureRequest, tmp_path: Path, benchmark) -> None:
+    if shape not in os.environ.get("R1VL_VS_TRL_SHAPES", "tiny").split(","):
+        pytest.skip(f"shape {shape!r} is not in R1VL_VS_TRL_SHAPES")
+    s = SHAPES[shape]
+    model = request.getfixturevalue("tiny" if shape == "tiny" else "wide")
     first = tmp_path / "trl-first-prompt.pt"
-    runs = {"ours": [], "trl": []}
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
     for i, who in enumerate(("ours", "trl", "trl", "ours")):  # A-B-B-A
         out = tmp_path / f"{who}-{i}"
-        runs[who].append(_ours(tiny, out, steps) if who == "ours" else _trl(tiny, out, steps, first))
-    _first_prompt_matches(tiny, first)  # the same token ids and pixels went in on both sides
+        runs[who].append(_ours(model, out, s["steps"], s) if who == "ours"
+                         else _trl(model, out, s["steps"], first, s=s))
+    _first_prompt_matches(model, first, s)  # the same token ids and pixels went in on both sides
     table = {}
     for who, results in runs.items():
         pooled = [t for r in results for t in r["step_seconds"][2:]]
@@ -138,10 +176,11 @@ def test_step_time_against_trl(tiny: dict[str, Path], tmp_path: Path, benchmark)
         table[who] = {"median_step_s": statistics.median(pooled), "steps_timed": len(pooled),
                       "peak_rss_MB": max(r["peak_rss_MB"] for r in results), "phase_medians_s": phases}
     ratio = table["ours"]["median_step_s"] / table["trl"]["median_step_s"]
-    print(f"\ntiny Qwen2-VL, 8 prompts x G = 4, 112 tokens, CPU: ours {table['ours']['median_step_s']:.3f} s/step, "
-          f"TRL {table['trl']['median_step_s']:.3f} s/step: ours/TRL = {ratio:.2f}")
+    print(f"\n{shape} Qwen2-VL, {s['prompts']} prompts x G = {s['G']}, {s['completion']} tokens, {s['pixels']}-pixel "
+          f"images, CPU: ours {table['ours']['median_step_s']:.3f} s/step, TRL {table['trl']['median_step_s']:.3f} "
+          f"s/step: ours/TRL = {ratio:.2f} ({1 / ratio:.2f}x TRL's steps per second)")
     print(json.dumps(table, indent=1))
-    benchmark.extra_info.update(table=table, ratio=ratio)
+    benchmark.extra_info.update(shape=shape, settings=s, table=table, ratio=ratio)
     benchmark.pedantic(lambda: None, rounds=1)
 
 

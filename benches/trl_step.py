@@ -132,7 +132,8 @@ def main() -> None:  # noqa: PLR0915
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(args.save)
         from r1vl_fast.processing import Processing
 
-        Processing.from_pretrained(args.model, min_pixels=3136, max_pixels=args.pixels).save_pretrained(args.save)
+        processing = Processing.from_pretrained(args.model, min_pixels=args.pixels, max_pixels=args.pixels)
+        processing.save_pretrained(args.save)
     Path(args.out).write_text(json.dumps({"step_seconds": steps, "phases": dict(phases), "rewards": rewards,
                                           "peak_rss_MB": _rss_peak() / 2**20}))
 

@@ -69,6 +69,56 @@ def build_demo_model(processing: Processing, seed: int, arch: str = "qwen2-vl") 
     return model
 
 
+QWEN2_VL_2B_VOCAB = 151_936
+
+
+def save_wide_tokenizer(path: str | Path, vocab_size: int = QWEN2_VL_2B_VOCAB) -> Path:
+    """The demo tokenizer with its vocabulary padded to ``vocab_size`` entries (Qwen2-VL's 151,936 by default), saved
+    to ``path``. The padding tokens (`` w<id>``) are never produced by encoding, so text encodes exactly as with the
+    demo tokenizer, but every id a model of that width can sample decodes to a word, as with the real tokenizer."""
+    import json
+    import shutil
+
+    path = Path(path)
+    shutil.copytree(DEMO_TOKENIZER, path, dirs_exist_ok=True)
+    spec = json.loads((DEMO_TOKENIZER / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    taken = set(vocab.values()) | {t["id"] for t in spec["added_tokens"]}
+    if len(taken) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is below the demo tokenizer's {len(taken)} tokens")
+    vocab.update({f"\u0120w{i}": i for i in range(vocab_size) if i not in taken})  # \u0120: byte-level space
+    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return path
+
+
+def build_qwen2_vl_2b_width(processing: Processing, layers: int = 2, vision_depth: int = 2, seed: int = 0) -> Any:
+    """A Qwen2-VL at Qwen2-VL-2B's widths with random weights: text hidden 1536, 12 heads / 2 KV heads of 128, MLP
+    8960, vocabulary 151,936 (tied embeddings), vision 1280 wide with 16 heads; only the depth is cut
+    (``layers`` of 28, ``vision_depth`` of 32), so that benchmarks fit a CPU or a short GPU slot."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vocab = processing.tokenizer.get_vocab()
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=QWEN2_VL_2B_VOCAB, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers,
+            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+            bos_token_id=processing.pad_token_id, eos_token_id=processing.stop_token_ids[0],
+            pad_token_id=processing.pad_token_id, tie_word_embeddings=True,
+        ),
+        vision_config=dict(depth=vision_depth, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = processing.pad_token_id
+    model.generation_config.eos_token_id = processing.stop_token_ids
+    return model
+
+
 def save_tiny_lm(path: str | Path, *, hidden_size: int = 128, intermediate_size: int = 256, layers: int = 2,
                  heads: int = 2, kv_heads: int = 1, max_position_embeddings: int = 32768,
                  seed: int = 0) -> Path:
