@@ -207,7 +207,7 @@ class GRPOTrainConfig(RunConfig):
                               "eval/* metrics (0: only before and after training).")
     log_completions_steps: int = _opt(10, "Write sample completions to completions.jsonl every this many steps.")
     num_completions_to_log: int = _opt(4, "Completions written each time.")
-    sft_steps: int = _opt(150, "Demo only: SFT warm-up steps before StepGRPO.")
+    sft_steps: int = _opt(300, "Demo only: SFT warm-up steps before StepGRPO.")
 
     def resolve(self) -> None:
         super().resolve()
@@ -302,7 +302,7 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {  # keyed by PRESET_NAMES
         GRPOTrainConfig: dict(
             num_generations=4, temperature=1.0, max_prompt_length=64, max_completion_length=112, min_pixels=3136,
             max_pixels=3136, learning_rate=1e-4, lr_scheduler_type="constant", warmup_ratio=0.0, beta=0.01,
-            per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=150, save_steps=50,
+            per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=250, save_steps=50,
             log_completions_steps=10, bf16=False, device="cpu",
         ),
         SFTConfig: dict(

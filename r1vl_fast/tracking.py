@@ -104,9 +104,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_rewards(metrics_path: Path, out: Path, keys: tuple[str, ...] = ("reward", "rewards/step_rar",
-                                                                             "rewards/step_rvr")) -> Path | None:
-    """The reward curves of ``metrics.jsonl`` (raw and a moving average) as a PNG."""
+PLOTTED = ("reward", "rewards/step_rar", "rewards/step_rvr", "rewards/accuracy", "rewards/key_steps")
+
+
+def plot_rewards(metrics_path: Path, out: Path, keys: tuple[str, ...] = PLOTTED) -> Path | None:
+    """The training curves of ``metrics.jsonl`` (raw and a moving average) as a PNG: the reward and its two parts,
+    and what the reward is for: the answer accuracy and the key-step recall of the sampled completions."""
     rows = read_metrics(metrics_path)
     if not rows:
         return None
@@ -127,7 +130,7 @@ def plot_rewards(metrics_path: Path, out: Path, keys: tuple[str, ...] = ("reward
                   for i in range(len(values))]
         ax.plot(steps, smooth, color=line.get_color(), label=key)
     ax.set_xlabel("step")
-    ax.set_ylabel("reward")
+    ax.set_ylabel("reward; accuracy and key-step recall (0-1)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -1,6 +1,11 @@
 """The demo's synthetic visual reasoning set: PIL-drawn coloured shapes with counting and arithmetic questions,
 reference reasoning in the R1-VL format, solutions and key steps with equivalent alternatives.
 
+The images are made to be read by the demo's tiny vision tower: a 56 x 56 image is 2 x 2 cells of 28 px, and each
+cell holds at most one large shape. After the 2 x 2 patch merge each cell is exactly one image token, so "is there a
+shape here, and of which colour" is one token's content, and counting is counting tokens. The answers depend on the
+image and are within the model's reach, so StepGRPO can raise the accuracy, not only the format.
+
 Written as R1-VL-10K rows (RL) and Mulberry rows (SFT warm-up), so the demo exercises the same loaders as a real run.
 """
 
@@ -17,6 +22,8 @@ COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60)}
 KINDS = ("circle", "square", "triangle")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 IMAGE_SIZE = 56  # 4 x 4 patches of 14 px: 4 image tokens after the 2 x 2 merge
+CELL = 28  # 2 x 2 cells, one image token each
+MAX_SHAPES = 4
 
 
 @dataclass
@@ -42,11 +49,12 @@ def _draw(shapes: list[Shape]) -> Image.Image:
 
 
 def _layout(rng: random.Random, n: int) -> list[tuple[int, int, int, int]]:
-    cells = rng.sample(range(9), n)  # a 3 x 3 grid of 18 px cells: shapes never overlap
+    """``n`` boxes in distinct cells of the 2 x 2 grid: one shape per image token, never overlapping."""
     boxes = []
-    for c in cells:
-        x, y = (c % 3) * 18 + 2, (c // 3) * 18 + 2
-        size = rng.randint(10, 14)
+    for c in rng.sample(range(4), n):
+        size = rng.randint(18, 24)
+        x = (c % 2) * CELL + rng.randint(2, CELL - size - 2)
+        y = (c // 2) * CELL + rng.randint(2, CELL - size - 2)
         boxes.append((x, y, x + size, y + size))
     return boxes
 
@@ -62,7 +70,7 @@ def _describe(shapes: list[Shape]) -> str:
 
 def make_sample(rng: random.Random) -> tuple[Image.Image, dict]:
     """One image and its row: problem, reference reasoning, solution (= reasoning) and key steps."""
-    n = rng.randint(1, 5)
+    n = rng.randint(1, MAX_SHAPES)
     shapes = [Shape(rng.choice(list(COLORS)), rng.choice(KINDS), box) for box in _layout(rng, n)]
     color = rng.choice([s.color for s in shapes] + [rng.choice(list(COLORS))])
     matching = sum(s.color == color for s in shapes)
