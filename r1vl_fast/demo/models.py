@@ -48,9 +48,7 @@ def build_demo_model(processing: Processing, seed: int, arch: str = "qwen2-vl") 
         bos_token_id=processing.pad_token_id, eos_token_id=processing.stop_token_ids[0],
         pad_token_id=processing.pad_token_id, tie_word_embeddings=True,
     )
-    special = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-                   vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-                   tie_word_embeddings=True)
+    special = _vision_special_tokens(processing)
     torch.manual_seed(seed)
     model: Any
     vision: dict[str, Any]
@@ -64,6 +62,18 @@ def build_demo_model(processing: Processing, seed: int, arch: str = "qwen2-vl") 
                       fullatt_block_indexes=[1], tokens_per_second=2)
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
                                                                     **special))
+    return _with_generation_tokens(model, processing)
+
+
+def _vision_special_tokens(processing: Processing) -> dict[str, Any]:
+    """The image, video and vision-boundary token ids of a Qwen2-VL config, from the tokenizer; tied embeddings."""
+    vocab = processing.tokenizer.get_vocab()
+    return dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+                vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+                tie_word_embeddings=True)
+
+
+def _with_generation_tokens(model: Any, processing: Processing) -> Any:
     model.generation_config.pad_token_id = processing.pad_token_id
     model.generation_config.eos_token_id = processing.stop_token_ids
     return model
@@ -97,7 +107,6 @@ def build_qwen2_vl_2b_width(processing: Processing, layers: int = 2, vision_dept
     (``layers`` of 28, ``vision_depth`` of 32), so that benchmarks fit a CPU or a short GPU slot."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    vocab = processing.tokenizer.get_vocab()
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=QWEN2_VL_2B_VOCAB, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers,
@@ -108,15 +117,10 @@ def build_qwen2_vl_2b_width(processing: Processing, layers: int = 2, vision_dept
         ),
         vision_config=dict(depth=vision_depth, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        tie_word_embeddings=True,
+        **_vision_special_tokens(processing),
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = processing.pad_token_id
-    model.generation_config.eos_token_id = processing.stop_token_ids
-    return model
+    return _with_generation_tokens(Qwen2VLForConditionalGeneration(config), processing)
 
 
 def save_tiny_lm(path: str | Path, *, hidden_size: int = 128, intermediate_size: int = 256, layers: int = 2,
