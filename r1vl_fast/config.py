@@ -300,9 +300,9 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {  # keyed by PRESET_NAMES
     "r1vl-7b": {GRPOTrainConfig: {**_R1VL_RL, "temperature": 1.0}, SFTConfig: {**_R1VL_SFT, "learning_rate": 5e-6}},
     "demo": {
         GRPOTrainConfig: dict(
-            num_generations=4, temperature=1.0, max_prompt_length=64, max_completion_length=112, min_pixels=3136,
+            num_generations=4, temperature=1.0, max_prompt_length=64, max_completion_length=100, min_pixels=3136,
             max_pixels=3136, learning_rate=1e-4, lr_scheduler_type="constant", warmup_ratio=0.0, beta=0.01,
-            per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=250, save_steps=50,
+            per_device_train_batch_size=16, gradient_accumulation_steps=1, max_steps=240, save_steps=50,
             log_completions_steps=10, bf16=False, device="cpu",
         ),
         SFTConfig: dict(

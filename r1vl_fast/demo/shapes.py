@@ -65,7 +65,7 @@ def _describe(shapes: list[Shape]) -> str:
         counts[(s.color, s.kind)] = counts.get((s.color, s.kind), 0) + 1
     parts = [f"{n} {color} {kind}{'' if n == 1 else 's'}" for (color, kind), n in sorted(counts.items())]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"The image shows {listing} on a white background."
+    return f"The image shows {listing}."
 
 
 def make_sample(rng: random.Random) -> tuple[Image.Image, dict]:
@@ -77,13 +77,13 @@ def make_sample(rng: random.Random) -> tuple[Image.Image, dict]:
     kind = rng.randint(0, 2)
     if kind == 0:
         problem = f"How many {color} shapes are in the image?"
-        rationale = f"The question asks for the number of {color} shapes, so I count the shapes of that colour."
+        rationale = f"I count the {color} shapes."
         steps = [f"Count the {color} shapes: there are {matching}."]
         answer = matching
         key_steps = [[f"there are {matching}", f"there are {NUMBER_WORDS[matching]}"]]
     elif kind == 1:
         problem = "How many shapes are in the image in total?"
-        rationale = "The question asks for the total number of shapes, so I count every shape."
+        rationale = "I count every shape."
         steps = [f"Count all shapes: there are {n}."]
         answer = n
         key_steps = [[f"there are {n}", f"there are {NUMBER_WORDS[n]}"]]
@@ -91,7 +91,7 @@ def make_sample(rng: random.Random) -> tuple[Image.Image, dict]:
         extra = rng.randint(1, 4)
         answer = matching + extra
         problem = f"If {extra} more {color} shapes are added, how many {color} shapes will there be?"
-        rationale = f"I count the {color} shapes in the image and then add the {extra} new ones."
+        rationale = f"I count the {color} shapes, then add {extra}."
         steps = [f"Count the {color} shapes: there are {matching}.",
                  f"Add the new shapes: {matching} + {extra} = {answer}."]
         key_steps = [
