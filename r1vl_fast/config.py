@@ -314,13 +314,28 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {  # keyed by PRESET_NAMES
 }
 
 
+# The folders the demo keeps in its output directory beside StepGRPO's checkpoints: its data, its initial model and
+# its SFT warm-up.
+DEMO_DIRS = ("data", "init", "sft")
+
+
+def is_demo_dir(path: Path) -> bool:
+    """The demo's output directory: its data and initial model are the first things it writes."""
+    return (path / "data").is_dir() and (path / "init").is_dir()
+
+
 def check_model_path(name: str, option: str = "--model_name_or_path") -> None:
-    """A local model directory that exists, or a hub id (``org/name``); anything else is a path that does not
-    exist, said so before transformers turns it into a hub error."""
+    """A local model directory that exists (a checkpoint of ours: complete, by its manifest), or a hub id
+    (``org/name``); anything else is a path that does not exist, said so before transformers turns it into a hub
+    error."""
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"{option} {name}: not a model directory (a save_pretrained folder)")
+        from r1vl_fast.checkpoint import MANIFEST_FILE, STATE_FILE, check_checkpoint
+
+        if (path / MANIFEST_FILE).is_file() or (path / STATE_FILE).is_file():  # a checkpoint: the weights' sizes
+            check_checkpoint(path, option=option, hashes=False)
         return
     hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None and ".." not in name
     if not hub_id or name.startswith((".", "~")):
@@ -413,17 +428,34 @@ def parse_config(cls: type[RunConfig], argv: list[str] | None, prog: str) -> Run
         from_yaml = {key: _yaml_value(path, fields[key], value) for key, value in from_yaml.items()}
     preset = args.get("preset", from_yaml.get("preset"))
     given = set(args) | set(from_yaml)
-    if preset is None and cls is GRPOTrainConfig and not given & {"dataset", "model_name_or_path"}:
-        preset = "demo"  # no data and no model: the built-in demo
+    resume = args.get("resume_from_checkpoint", from_yaml.get("resume_from_checkpoint"))
+    output_dir = args.get("output_dir", from_yaml.get("output_dir"))
+    if resume == "latest" and output_dir is None:
+        raise ConfigError("--resume_from_checkpoint latest needs the --output_dir of the run to continue")
     values: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
-        values.update(PRESETS[preset].get(cls, {}), preset=preset)
+    resumed = None
+    if resume is not None and not (output_dir is not None and is_demo_dir(Path(output_dir))
+                                   and not given & {"dataset", "model_name_or_path"}):
+        from r1vl_fast.resume import resumed_options
+
+        resumed = resumed_options(cls, resume, output_dir)
+    if resumed is not None:  # the checkpoint's resolved options; those given again are checked against them
+        values.update(resumed)
+        preset = values.get("preset")
+    elif resume is not None and not given & {"dataset", "model_name_or_path"} and (
+            resume != "latest" or (Path(str(output_dir)).is_dir() and not is_demo_dir(Path(str(output_dir))))):
+        where = f"in {output_dir}" if resume == "latest" else "there"
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no checkpoint {where} with the run's options "
+                                f"(run.json) to resume from; pass --model_name_or_path and --dataset")
+    else:
+        if preset is None and cls is GRPOTrainConfig and not given & {"dataset", "model_name_or_path"}:
+            preset = "demo"  # no data and no model: the built-in demo
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
+            values.update(PRESETS[preset].get(cls, {}), preset=preset)
     values.update(from_yaml)
     values.update(args)
-    if values.get("resume_from_checkpoint") == "latest" and "output_dir" not in given:
-        raise ConfigError("--resume_from_checkpoint latest needs the --output_dir of the run to continue")
     if "sft_steps" in given and preset != "demo":
         raise ConfigError("--sft_steps sets the demo's SFT warm-up; for a real run, warm up with "
                           "python -m r1vl_fast.sft and pass its checkpoint as --model_name_or_path")

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from r1vl_fast.errors import DataError, reports_user_errors
+from r1vl_fast.errors import ConfigError, DataError, reports_user_errors
 from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS, Processing, PromptInputs
 
 log = logging.getLogger("r1vl_fast")
@@ -325,7 +325,9 @@ class EpochSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["n"] != self.n:
-            raise ValueError(f"the checkpoint's dataset had {state['n']} usable rows, this one has {self.n}")
+            raise ConfigError(f"--dataset: the checkpoint's dataset had {state['n']} usable rows, this one has "
+                              f"{self.n}; resume with the checkpoint's dataset (and --skip_invalid, "
+                              f"--max_prompt_length, pixel limits), or start a new run in another --output_dir")
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._permutation()
 

@@ -8,11 +8,14 @@ sampling seeds are identical to a single process with the same global batch.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,26 @@ def init_world(device_kind: str) -> World:
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()
+
+
+def on_main(fn: Callable[[], T], world: World) -> T:
+    """``fn()`` on rank 0 alone (reading, hashing, locking); its result, or the user error it raised, reaches every
+    rank, so that all of them go on, or all stop with the same one-line error."""
+    if world.size == 1:
+        return fn()
+    from r1vl_fast.errors import user_errors
+
+    outcome: list[Any] = [None]
+    if world.main:
+        try:
+            outcome = [(fn(), None)]
+        except user_errors() as e:
+            outcome = [(None, e)]
+    dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def reduce_metrics(metrics: dict[str, Any], world: World) -> dict[str, Any]:

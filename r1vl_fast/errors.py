@@ -39,9 +39,10 @@ class Stopped(Exception):  # noqa: N818 (not an error: the run did what the user
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from r1vl_fast.checkpoint import CheckpointWriteError, UnsafeCheckpointError
+    from r1vl_fast.checkpoint import CheckpointError, CheckpointWriteError, UnsafeCheckpointError
 
-    return ConfigError, DataError, UnsafeCheckpointError, CheckpointWriteError, FileNotFoundError, NonFiniteError
+    return (ConfigError, DataError, CheckpointError, UnsafeCheckpointError, CheckpointWriteError, FileNotFoundError,
+            NonFiniteError)
 
 
 def reports_user_errors(main: Callable[..., int]) -> Callable[..., int]:

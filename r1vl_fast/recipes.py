@@ -16,7 +16,7 @@ from r1vl_fast.heldout import evaluate_checkpoint, evaluate_run, load_held_out
 from r1vl_fast.modeling import load_model
 from r1vl_fast.rewards.step_rewards import StepRewards
 from r1vl_fast.rollout import make_engine
-from r1vl_fast.runner import load_policy, run_loop, seed_everything, start_run
+from r1vl_fast.runner import Run, load_policy, run_loop, seed_everything, start_run
 from r1vl_fast.sft_trainer import SFTTrainer
 from r1vl_fast.tracking import plot_rewards
 
@@ -33,6 +33,13 @@ def total_steps(config: GRPOTrainConfig, num_samples: int, world_size: int = 1) 
 def run_sft(config: SFTConfig) -> Path:
     """Supervised warm-up; returns the final checkpoint."""
     run = start_run(config)
+    try:
+        return _sft(config, run)
+    finally:
+        run.close()
+
+
+def _sft(config: SFTConfig, run: Run) -> Path:
     assert config.dataset is not None
     samples, report = load_sft_dataset(config.dataset, run.processing, image_root=config.image_root,
                                        max_length=config.max_length, skip_invalid=config.skip_invalid)
@@ -50,6 +57,13 @@ def run_sft(config: SFTConfig) -> Path:
 def run_grpo(config: GRPOTrainConfig) -> Path:
     """Train with StepGRPO; returns the final checkpoint."""
     run = start_run(config)
+    try:
+        return _grpo(config, run)
+    finally:
+        run.close()
+
+
+def _grpo(config: GRPOTrainConfig, run: Run) -> Path:
     assert config.model_name_or_path is not None and config.dataset is not None
     world, output_dir, checkpoint, device, dtype = run.world, run.output_dir, run.checkpoint, run.device, run.dtype
     processing = run.processing

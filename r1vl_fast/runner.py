@@ -1,5 +1,6 @@
-"""The run around a trainer's ``step()``, the same for StepGRPO and SFT: join torchrun, make the output directory,
-seed, resume, log each step, save every ``save_steps`` and at the end, and stop cleanly on SIGINT / SIGTERM."""
+"""The run around a trainer's ``step()``, the same for StepGRPO and SFT: join torchrun, claim the output directory
+(one run at a time), check the checkpoint to resume and that it fits, seed, log each step, save every ``save_steps``
+and at the end, and stop cleanly on SIGINT / SIGTERM."""
 
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from r1vl_fast import lock
 from r1vl_fast.checkpoint import STATE_FILE, load_state, resolve_checkpoint, save_checkpoint, set_rng_state
 from r1vl_fast.config import RunConfig, to_dict
-from r1vl_fast.distributed import World, all_sum, barrier, full_model_state, init_world, unwrap, wrap
+from r1vl_fast.distributed import World, all_sum, barrier, full_model_state, init_world, on_main, unwrap, wrap
 from r1vl_fast.errors import ConfigError, NonFiniteError, Stopped
 from r1vl_fast.modeling import freeze_vision, load_model
 from r1vl_fast.processing import Processing
+from r1vl_fast.resume import check_fits, run_record
 from r1vl_fast.tracking import RunLog
 
 log = logging.getLogger("r1vl_fast")
@@ -66,11 +69,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resume_point(config: RunConfig, output_dir: Path) -> Path | None:
-    """The checkpoint to resume, if any; a ``--max_steps`` below its step is an error (the run would do nothing)."""
+def resume_point(config: RunConfig, output_dir: Path, world_size: int = 1) -> Path | None:
+    """The checkpoint to resume, if any, verified against its manifest and checked to fit ``config`` (see
+    :mod:`r1vl_fast.resume`); a ``--max_steps`` below its step is an error (the run would do nothing)."""
     if config.resume_from_checkpoint is None:
         return None
     checkpoint = resolve_checkpoint(config.resume_from_checkpoint, output_dir)
+    check_fits(config, checkpoint, world_size)
     step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
     if 0 < config.max_steps < step:
         raise ConfigError(f"--max_steps {config.max_steps} is below the step of {checkpoint} ({step}): nothing "
@@ -81,7 +86,7 @@ def resume_point(config: RunConfig, output_dir: Path) -> Path | None:
 # What a run writes into its output directory; a new run refuses a directory that holds any of these.
 RUN_FILES = ("config.json", "metrics.jsonl", "completions.jsonl", "eval.json", "summary.json", "reward_curve.png",
              "tensorboard", "prompt_cache")
-_CHECKPOINT_DIR = re.compile(r"^(\.tmp-)?checkpoint-\d+$")
+_CHECKPOINT_DIR = re.compile(r"^(\.tmp-|\.removing-)?checkpoint-\d+$")
 
 
 def run_artifacts(output_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
@@ -94,11 +99,30 @@ def run_artifacts(output_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
 
 def prepare_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool, world: World,
                        extra: tuple[str, ...] = ()) -> None:
-    """Before anything is loaded: make ``output_dir`` and check that it can be written, and refuse one that holds
-    another run's checkpoints or logs unless this run resumes (and appends to them) or ``overwrite`` is set (they
-    are removed first). Two runs never mix in one directory."""
+    """Before anything is loaded: make ``output_dir``, take its lock (rank 0, until :func:`release_output_dir`: a
+    second run into it is refused while this one lives, even with ``overwrite``), check that it can be written, and
+    refuse one that holds another run's checkpoints or logs unless this run resumes (and appends to them) or
+    ``overwrite`` is set (they are removed first). Two runs never mix in one directory."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output_dir {output_dir}: cannot write there ({e.strerror or e})") from None
+    on_main(lambda: lock.acquire(output_dir), world)
+    try:
+        _check_output_dir(output_dir, resuming=resuming, overwrite=overwrite, world=world, extra=extra)
+    except BaseException:
+        release_output_dir(output_dir, world)
+        raise
+
+
+def release_output_dir(output_dir: Path, world: World) -> None:
+    if world.main:
+        lock.release(output_dir)
+
+
+def _check_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool, world: World,
+                      extra: tuple[str, ...]) -> None:
+    try:
         probe = output_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"r1vl_fast")
         probe.unlink()
@@ -135,6 +159,10 @@ class Run:
     processing: Processing
     model_name_or_path: str
 
+    def close(self) -> None:
+        """Let go of the output directory (the end of the run, however it ends)."""
+        release_output_dir(self.output_dir, self.world)
+
     @property
     def weights(self) -> str:
         """The policy's current weights: the checkpoint to resume, else the starting model."""
@@ -142,21 +170,25 @@ class Run:
 
 
 def start_run(config: RunConfig) -> Run:
-    """Join torchrun (if launched by it), find the checkpoint to resume, claim the output directory (writable, and
-    not another run's), pick the device and dtype, seed every generator, and load the tokenizer / image
-    processor."""
+    """Join torchrun (if launched by it), find the checkpoint to resume (complete, and fitting this run), claim the
+    output directory (writable, not another run's, and not in use), pick the device and dtype, seed every
+    generator, and load the tokenizer / image processor. The caller closes the run when it ends."""
     assert config.model_name_or_path is not None and config.dataset is not None  # validated
     world = init_world(config.device)
     assert config.output_dir is not None  # resolved
     output_dir = Path(config.output_dir)
-    checkpoint = resume_point(config, output_dir)
+    checkpoint = on_main(lambda: resume_point(config, output_dir, world.size), world)  # rank 0 reads and hashes
     prepare_output_dir(output_dir, resuming=checkpoint is not None, overwrite=config.overwrite_output_dir,
                        world=world)
-    device = run_device(config, world)
-    dtype = run_dtype(config)
-    seed_everything(config.seed)
-    processing = Processing.from_pretrained(config.model_name_or_path, min_pixels=config.min_pixels,
-                                            max_pixels=config.max_pixels)
+    try:
+        device = run_device(config, world)
+        dtype = run_dtype(config)
+        seed_everything(config.seed)
+        processing = Processing.from_pretrained(config.model_name_or_path, min_pixels=config.min_pixels,
+                                                max_pixels=config.max_pixels)
+    except BaseException:
+        release_output_dir(output_dir, world)
+        raise
     return Run(world, output_dir, checkpoint, device, dtype, processing, config.model_name_or_path)
 
 
@@ -208,6 +240,7 @@ def run_loop(trainer: Trainer, config: RunConfig, output_dir: Path, processing: 
         trainer.load_state(state, tensors)
         set_rng_state(tensors["rng"])
         log.info("resumed from %s at step %d", checkpoint, trainer.step_idx)
+    record = run_record(config, world.size) if world.main else None  # each checkpoint's run.json
     if world.main:
         (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
     runlog = RunLog(output_dir, trackers=config.trackers if world.main else [], total_steps=trainer.total_steps,
@@ -227,7 +260,7 @@ def run_loop(trainer: Trainer, config: RunConfig, output_dir: Path, processing: 
         if world.main:
             path = save_checkpoint(output_dir, trainer.step_idx, model=unwrap(trainer.policy), processing=processing,
                                    state=state, tensors=tensors, save_total_limit=config.save_total_limit,
-                                   model_state=model_state)
+                                   model_state=model_state, run=record)
         barrier(world)
         return path
 

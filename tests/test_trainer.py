@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from r1vl_fast.checkpoint import latest_checkpoint, save_checkpoint
+from r1vl_fast.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from r1vl_fast.config import GRPOTrainConfig, SFTConfig, build_parser, parse_config
 from r1vl_fast.data import DataError, load_rl_dataset, load_sft_dataset, read_rows
 from r1vl_fast.grpo_trainer import StepGRPOTrainer
@@ -172,7 +172,9 @@ def test_interrupted_save_is_never_picked_as_latest(tiny: dict[str, Path], tmp_p
     (tmp_path / "checkpoint-9").mkdir()
     (tmp_path / "checkpoint-9" / "model.safetensors").write_bytes(b"")
     assert latest_checkpoint(tmp_path) == good
-    with pytest.raises(FileNotFoundError, match="checkpoint-9 is not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-9: damaged checkpoint: no manifest.json and no "
+                                              r"trainer_state.json \(not a complete checkpoint\); the newest "
+                                              r"complete checkpoint is .*checkpoint-2: use that one instead"):
         run_grpo(_config(_args(tiny, tmp_path, resume_from_checkpoint=tmp_path / "checkpoint-9")))
 
 

@@ -10,13 +10,13 @@ import logging
 from pathlib import Path
 
 from r1vl_fast.checkpoint import latest_checkpoint
-from r1vl_fast.config import PRESETS, GRPOTrainConfig, SFTConfig
+from r1vl_fast.config import DEMO_DIRS, PRESETS, GRPOTrainConfig, SFTConfig
 from r1vl_fast.demo.models import build_demo_model, demo_processing
 from r1vl_fast.demo.shapes import write_demo_data
-from r1vl_fast.distributed import barrier, init_world
+from r1vl_fast.distributed import World, barrier, init_world
 from r1vl_fast.errors import ConfigError
 from r1vl_fast.recipes import run_grpo, run_sft
-from r1vl_fast.runner import prepare_output_dir
+from r1vl_fast.runner import prepare_output_dir, release_output_dir
 from r1vl_fast.tracking import read_metrics
 
 log = logging.getLogger("r1vl_fast")
@@ -40,7 +40,14 @@ def run_demo(config: GRPOTrainConfig) -> dict[str, dict[str, float]]:
                           "latest, which picks the stage that was stopped")
     # the demo's own folders count as a run's: a new demo never reuses another's data, model or warm-up
     prepare_output_dir(output_dir, resuming=resuming, overwrite=config.overwrite_output_dir, world=world,
-                       extra=("data", "init", "sft"))
+                       extra=DEMO_DIRS)  # held, against a second run, until the demo ends
+    try:
+        return _stages(config, world, output_dir, resuming)
+    finally:
+        release_output_dir(output_dir, world)
+
+
+def _stages(config: GRPOTrainConfig, world: World, output_dir: Path, resuming: bool) -> dict[str, dict[str, float]]:
     data = output_dir / "data"
     paths = {name: data / f"{name}.jsonl" for name in ("rl", "sft", "eval")}
     init = output_dir / "init"
