@@ -444,6 +444,8 @@ def parse_config(cls: type[RunConfig], argv: list[str] | None, prog: str) -> Run
         preset = values.get("preset")
     elif resume is not None and not given & {"dataset", "model_name_or_path"} and (
             resume != "latest" or (Path(str(output_dir)).is_dir() and not is_demo_dir(Path(str(output_dir))))):
+        if resume != "latest" and not Path(resume).exists():
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint")
         where = f"in {output_dir}" if resume == "latest" else "there"
         raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no checkpoint {where} with the run's options "
                                 f"(run.json) to resume from; pass --model_name_or_path and --dataset")

@@ -281,6 +281,15 @@ def test_a_resume_that_does_not_fit_names_each_option(finished: Path, tiny: dict
     assert f"--dataset {data} (24 usable rows, SHA-256 " in message
     assert "now (its content changed since the checkpoint was written)" in message
 
+    # nothing to resume from
+    assert train_main(["--resume_from_checkpoint", str(tmp_path / "no-such")]) == 2
+    assert _last_line(capsys.readouterr().err) == \
+        f"error: --resume_from_checkpoint {tmp_path / 'no-such'}: no such checkpoint"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train_main(["--output_dir", str(empty), "--resume_from_checkpoint", "latest"]) == 2
+    assert f"--resume_from_checkpoint latest: no checkpoint in {empty}" in _last_line(capsys.readouterr().err)
+
     # SFT's checkpoint resumed by the trainer
     assert train_main(["--resume_from_checkpoint", str(tiny["model"])]) == 2
     assert "this checkpoint is from python -m r1vl_fast.sft; resume it with that command" in \
