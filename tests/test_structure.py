@@ -1,6 +1,7 @@
 """The package's structure: no import cycle among r1vl_fast's modules (function-level imports counted), the kernels
-reached as ``r1vl_fast.kernels`` without any ``__path__`` patch, and an editable install that works from the
-checkout and from elsewhere, as a contributor uses it."""
+reached as ``r1vl_fast.kernels`` without any ``__path__`` patch and never as a top-level ``kernels`` that would
+shadow Hugging Face's, and an editable install that works from the checkout and from elsewhere, as a contributor
+uses it."""
 
 from __future__ import annotations
 
@@ -89,6 +90,24 @@ def test_kernels_live_in_the_top_level_folder_and_nothing_patches_the_package_pa
     import r1vl_fast.kernels.grpo_loss as kernels
 
     assert Path(kernels.__file__).parent.parent == PACKAGE  # r1vl_fast.kernels, wherever r1vl_fast came from
+
+
+@pytest.mark.skipif(not (REPO / "pyproject.toml").is_file(), reason="needs the source checkout")
+def test_the_kernels_folder_never_shadows_hugging_faces_kernels_package(tmp_path: Path) -> None:
+    """``kernels/`` has no ``__init__.py``: from the checkout's root, where the working directory comes first on
+    ``sys.path``, a ``kernels`` package installed anywhere (Hugging Face's, which the newest transformers imports)
+    is the one ``import kernels`` finds; the folder only counts as a namespace portion when there is none. CI runs
+    the README's command from the root with the real one installed (.ci/run, "the newest Hugging Face stack")."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    installed = tmp_path / "site" / "kernels"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("class CUDAProperties: ...\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    probe = "import kernels; from kernels import CUDAProperties; print(kernels.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == installed / "__init__.py"
 
 
 @pytest.mark.skipif(not (REPO / "pyproject.toml").is_file(), reason="needs the source checkout")
