@@ -10,8 +10,9 @@ Two shapes (``R1VL_VS_TRL_SHAPES``, default ``tiny``; ``tiny,2b`` for both):
   check (default 100; 0 skips it): the training reward of the first and last fifth, and both trained policies
   scored on the held-out rows by ``python -m r1vl_fast.eval``.
 - ``2b``: a Qwen2-VL at Qwen2-VL-2B's widths with random weights (text 1536 wide, vocabulary 151,936 with a
-  tokenizer padded to it, vision 1280 wide; 2 of 28 decoder layers, 2 of 32 vision blocks), 616 x 616 images
-  (379,456 pixels, 484 image tokens), 2 prompts x G = 4 per step, 128-token completions.
+  tokenizer padded to it, vision 1280 wide; 2 of 28 decoder layers, 2 of 32 vision blocks), R1-VL's 400,000-pixel
+  budget (the demo's 56 x 56 images become 644 x 644: 529 image tokens on both sides), 2 prompts x G = 4 per step,
+  128-token completions.
   ``R1VL_VS_TRL_2B_STEPS`` steps per run (default 4). About 50 minutes on 2 cores at 3 steps.
 
 Each is beta = 0.01 with HF generate on both sides; the median step is over steps 3..N of both runs.
@@ -39,10 +40,9 @@ HERE = Path(__file__).parent
 SHAPES = {
     "tiny": dict(prompts=8, G=4, completion=112, beta=0.01, lr=1e-4, pixels=3136, seed=42, max_prompt_length=64,
                  steps=int(os.environ.get("R1VL_VS_TRL_STEPS", "12"))),
-    # 616 x 616 = 379,456 pixels (484 image tokens): a size Qwen2-VL's resize rule maps to itself. With 400,000
-    # the upscale overshoots it (to 644 x 644) and a second pass shrinks it (616 x 616): ours resizes the image,
-    # then the image processor resizes it again, while TRL's processor resizes once, so the two sides would differ.
-    "2b": dict(prompts=2, G=4, completion=128, beta=0.01, lr=1e-5, pixels=616 * 616, seed=42, max_prompt_length=1024,
+    # R1-VL's budget, min = max = 400,000 pixels: both sides resize each image once, with the HF processor's rule
+    # (the first prompt's ids and pixels are checked equal)
+    "2b": dict(prompts=2, G=4, completion=128, beta=0.01, lr=1e-5, pixels=400000, seed=42, max_prompt_length=1024,
                steps=int(os.environ.get("R1VL_VS_TRL_2B_STEPS", "4"))),
 }
 TRL_ARGS = ("prompts", "G", "completion", "beta", "lr", "pixels", "seed")

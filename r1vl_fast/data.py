@@ -209,7 +209,10 @@ def _image(row: Row, field_name: str, rel: str, root: Path,
             size = im.size
     except Exception as e:  # PIL raises many types for a corrupt file
         raise DataError(f"{row.where()}: field {field_name!r}: image does not decode: {path} ({e})") from None
-    return path, size, processing.image_token_count(*size)
+    try:
+        return path, size, processing.image_token_count(*size)
+    except ValueError as e:
+        raise DataError(f"{row.where()}: field {field_name!r}: {path}: {e}") from None
 
 
 T = TypeVar("T")

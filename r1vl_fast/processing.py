@@ -1,8 +1,12 @@
 """Turns a problem (and its image) into model inputs: the chat prompt, the resized image's pixel patches, and
 as many ``<|image_pad|>`` tokens as the vision encoder will emit for it.
 
-Images are resized once, with Qwen2-VL's rule (sides multiples of patch × merge, area within min/max pixels), so the
-token count known at validation time is the one the model sees; the same sizes are what a vLLM engine is given.
+Images are resized once, by the Hugging Face image processor itself, from the original image with the run's pixel
+budget (Qwen2-VL's rule: sides multiples of patch × merge, area within min/max pixels). The same original image and
+budget go to a vLLM engine, whose processor applies the same rule, so training, rollouts and inference under
+transformers see one size. The token count known at validation time comes from the same rule on the image's size.
+(Resizing before the processor would resize twice, and the rule is not idempotent when min_pixels is close to
+max_pixels.)
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ def is_multimodal(path: str) -> bool:
 
 @dataclass
 class PromptInputs:
-    """One tokenised prompt; ``pixel_values`` [patches, C·T·P·P], ``image_grid_thw`` [1, 3] and the resized ``image``
-    (what a vLLM engine is given) when it has one; ``source`` names the sample in errors."""
+    """One tokenised prompt; ``pixel_values`` [patches, C·T·P·P], ``image_grid_thw`` [1, 3] and the original RGB
+    ``image`` (what a vLLM engine is given, with the same budget) when it has one; ``source`` names the sample in
+    errors."""
 
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None
@@ -123,8 +128,12 @@ class Processing:
     # ------------------------------------------------------------------------------------------------ images
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) an image of this size is resized to."""
-        h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        """(width, height) an image of this size is resized to; an image the rule refuses (an aspect ratio over
+        200) is a ValueError that says so."""
+        try:
+            h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        except ValueError as e:
+            raise ValueError(f"a {width}x{height} image cannot be given to the model: {e}") from None
         return w, h
 
     def image_token_count(self, width: int, height: int) -> int:
@@ -132,9 +141,10 @@ class Processing:
         return (w // self.patch_size) * (h // self.patch_size) // (self.merge_size**2)
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
-        image = image.convert("RGB")
-        size = self.resized_size(*image.size)
-        return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
+        """The image as the processor and a vLLM engine take it: RGB, at its own size (the processor resizes it,
+        once); one the rule refuses is a ValueError that names its size."""
+        self.resized_size(*image.size)
+        return image.convert("RGB")
 
     # ------------------------------------------------------------------------------------------------ text
 
@@ -165,7 +175,7 @@ class Processing:
         if self.image_processor is None:
             raise ValueError("a row has an image but the model is text-only")
         image = self.prepare_image(image)
-        out = self.image_processor(images=[image], return_tensors="pt")
+        out = self.image_processor(images=[image], return_tensors="pt")  # resized once, here, by HF's rule
         grid = out["image_grid_thw"]
         tokens = int(grid.prod()) // (self.merge_size**2)
         return PromptInputs(self.prompt_ids(problem, tokens), out["pixel_values"], grid, image)
@@ -234,7 +244,7 @@ def shared_inputs(
 
 
 class PromptCache:
-    """Each distinct (problem, image) turned into model inputs once per run: the resized image, its pixel patches,
+    """Each distinct (problem, image) turned into model inputs once per run: the RGB image, its pixel patches,
     ``image_grid_thw`` and the prompt's token ids, keyed by the image file's content hash and the pixel budget.
     Rollouts and training take the same ``PromptInputs``, so the engine and the trainer cannot disagree on an
     image's token count. Beyond ``max_bytes`` of pixel patches in memory, the least recently used entries move to
@@ -257,8 +267,10 @@ class PromptCache:
 
     @staticmethod
     def _size(inputs: PromptInputs) -> int:
-        return inputs.pixel_values.numel() * inputs.pixel_values.element_size() if inputs.pixel_values is not None \
-            else 0
+        if inputs.pixel_values is None:
+            return 0
+        image = inputs.image.size[0] * inputs.image.size[1] * 3 if inputs.image is not None else 0
+        return inputs.pixel_values.numel() * inputs.pixel_values.element_size() + image
 
     def get(self, problem: str, image: Path | None) -> PromptInputs:
         key = self._key(problem, image)

@@ -1,7 +1,7 @@
 """The vLLM rollout engine: colocated, in-process ``vllm.LLM`` sharing the device with training, weights pushed in
 after every optimizer step, sampler log-probs returned for the importance-sampling correction.
 
-Prompts go in as token ids. The image placeholder is collapsed to one pad token and the resized image is attached,
+Prompts go in as token ids. The image placeholder is collapsed to one pad token and the original image is attached,
 so vLLM expands it with the same pixel budget. If vLLM's prompt length then differs from the trainer's, that is an
 error naming the sample.
 """
