@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 
+from r1vl_fast.data import Columns
 from r1vl_fast.errors import ConfigError
 from r1vl_fast.ops.config import ADV_SCALES, IMPLS, KL_ESTIMATORS, LOSS_TYPES, GRPOConfig, resolve_impl
 from r1vl_fast.ops.importance import IS_MODES
@@ -51,9 +52,22 @@ class RunConfig:
     model_name_or_path: str | None = _opt(None, "Model to train: a HF hub id or a save_pretrained directory "
                                                "(Qwen2-VL, Qwen2.5-VL, or a causal LM for text datasets). "
                                                "Unset with no --dataset: the built-in demo.")
-    dataset: str | None = _opt(None, "Training data: a JSON array or JSONL file.")
+    dataset: str | None = _opt(None, "Training data: a JSON array or JSONL file, a parquet file or folder, a folder "
+                                     "written by datasets' save_to_disk, or a Hugging Face hub name org/name.")
+    dataset_split: str | None = _opt(None, "Split of --dataset (default: train, or its only split).")
+    prompt_key: str | None = _opt(None, "Column of the question (default: problem, else prompt, else question).")
+    answer_key: str | None = _opt(None, "Column of the final answer, used where there is no solution column "
+                                        "(default: answer).")
+    solution_key: str | None = _opt(None, "Column of the reference solution ending in its final-answer line (RL), or "
+                                          "of the response (SFT rows without messages) (default: solution).")
+    image_key: str | None = _opt(None, "Column of the image: a path, HF Image bytes, or a list holding one "
+                                       "(default: image_path, else images, else image).")
+    key_steps_key: str | None = _opt(None, "Column of the key steps (default: key_steps; without it: none).")
     image_root: str | None = _opt(None, "Directory the rows' image paths are relative to (default: the dataset's).")
-    eval_dataset: str | None = _opt(None, "Held-out rows (same format) scored before and after training.")
+    eval_dataset: str | None = _opt(None, "Held-out rows (same formats and columns) scored before and after "
+                                          "training.")
+    eval_dataset_split: str | None = _opt(None, "Split of --eval_dataset (default: test, else validation, else its "
+                                                "only split).")
     output_dir: str | None = _opt(None, "Where checkpoints, metrics.jsonl and TensorBoard events go "
                                         "(default: runs/<demo|run>-<time>).")
     preset: str | None = _opt(None, "Recipe preset applied before --config and the command line.", PRESET_NAMES)
@@ -156,6 +170,11 @@ class RunConfig:
     @property
     def is_demo(self) -> bool:
         return self.preset == "demo"
+
+    def columns(self) -> Columns:
+        """Which dataset column holds what (the --*_key options)."""
+        return Columns(prompt=self.prompt_key, answer=self.answer_key, image=self.image_key,
+                       solution=self.solution_key, key_steps=self.key_steps_key)
 
 
 @dataclass

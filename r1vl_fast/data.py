@@ -1,14 +1,22 @@
 """Datasets: R1-VL-10K rows (RL) and Mulberry rows (SFT), validated up front, and a resumable sampler.
 
+A dataset is a JSON / JSONL file (read here, so that errors name the line), or anything Hugging Face ``datasets``
+reads: a parquet file or folder, a folder written by ``save_to_disk``, or a hub name ``org/name`` (``--dataset_split``
+picks the split). Columns are found by name (:class:`Columns`: R1-VL's names first, then EasyR1's). An image is a
+path (relative to ``--image_root`` or the data file), the ``{"bytes", "path"}`` dict of HF's Image feature, a PIL
+image, or a list holding one; embedded images stay in the memory-mapped Arrow table until a batch needs them.
+
 Every row is checked before training starts: fields present and typed, key steps well-formed, the image exists and
 decodes, the prompt fits ``max_prompt_length`` without cutting image tokens. A bad row stops the run with its file,
-line and reason, or, with ``skip_invalid``, is skipped and counted.
+line (or row) and reason, or, with ``skip_invalid``, is skipped and counted.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +27,16 @@ import numpy as np
 from PIL import Image
 
 from r1vl_fast.errors import ConfigError, DataError, reports_user_errors
-from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS, Processing, PromptInputs
+from r1vl_fast.processing import (
+    MAX_PIXELS,
+    MIN_PIXELS,
+    EmbeddedImage,
+    ImageRef,
+    Processing,
+    PromptInputs,
+    open_image,
+)
+from r1vl_fast.rewards.format import ANSWER_MARKER
 
 log = logging.getLogger("r1vl_fast")
 
@@ -35,11 +52,14 @@ class Row:
 
     data: Any
     file: Path
-    line: int
+    line: int | None  # None: a row of a Hugging Face dataset
     index: int
     error: str | None = None
+    source: DatasetRows | None = None  # the dataset an embedded image is read back from
 
     def where(self) -> str:
+        if self.line is None:
+            return f"{self.file}: row {self.index}"
         return f"{self.file}:{self.line}: sample {self.index}"
 
 
@@ -52,12 +72,120 @@ def _not_utf8(path: Path, data: bytes, error: UnicodeDecodeError, line: int | No
     return f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column})"
 
 
-def read_rows(path: str | Path, *, keep_invalid: bool = False) -> list[Row]:
-    """Records of a JSON array or JSONL file (UTF-8, with or without a BOM), each with its line number.
+JSON_SUFFIXES = (".json", ".jsonl")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_json_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in JSON_SUFFIXES
+
+
+class DatasetRows:
+    """The rows of a Hugging Face dataset, read lazily from its Arrow table (images left undecoded)."""
+
+    def __init__(self, dataset: Any, name: str) -> None:
+        self.dataset, self.name = dataset, name
+        self.columns: list[str] = list(dataset.column_names)
+        self._views: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for i, example in enumerate(self.dataset):
+            yield Row(example, Path(self.name), None, i, source=self)
+
+    def view(self, column: str) -> Any:
+        """The dataset with ``column`` alone: reading one row's image does not read the row's other columns."""
+        if column not in self._views:
+            self._views[column] = self.dataset.select_columns([column])
+        return self._views[column]
+
+
+def _undecoded(feature: Any) -> Any:
+    """``feature`` with every HF Image in it left as ``{"bytes", "path"}`` (decoded here, once, when needed)."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    inner = getattr(feature, "feature", None)
+    if inner is not None and isinstance(inner, datasets.Image):
+        return type(feature)(datasets.Image(decode=False))
+    return None
+
+
+def open_hf_dataset(spec: str, split: str | None = None) -> DatasetRows:
+    """A parquet file or folder, a ``save_to_disk`` folder, or a hub name, through ``datasets``; ``split`` picks
+    the split (default: ``train``, or the only one)."""
+    import datasets
+
+    path = Path(spec)
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json",
+                                                                "state.json")):
+            loaded = datasets.load_from_disk(str(path))
+        elif path.is_file() and path.suffix.lower() == ".parquet":
+            loaded = datasets.load_dataset("parquet", data_files={"train": str(path)})
+        elif path.is_dir():
+            if not any(path.rglob("*.parquet")):
+                raise DataError(f"{spec}: a folder with no parquet files and no save_to_disk dataset")
+            loaded = datasets.load_dataset(str(path))
+        elif path.exists():
+            raise DataError(f"{spec}: not a dataset: expected a JSON or JSONL file, a parquet file or folder, a "
+                            f"folder written by save_to_disk, or a hub name org/name")
+        elif _HUB_NAME.match(spec) and not spec.startswith((".", "/", "~")):
+            loaded = datasets.load_dataset(spec)
+        else:
+            raise DataError(f"{spec}: no such dataset file")
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types: a hub it cannot reach, a corrupt file, ...
+        raise DataError(f"{spec}: cannot load the dataset ({type(e).__name__}: {str(e).splitlines()[0][:300]})") \
+            from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        chosen = split if split is not None else ("train" if "train" in names else
+                                                  names[0] if len(names) == 1 else None)
+        if chosen not in loaded:
+            raise DataError(f"{spec}: no split {chosen!r}; it has {', '.join(names)} (pass --dataset_split)")
+        loaded = loaded[chosen]
+    elif split is not None and getattr(loaded, "split", None) not in (None, split):
+        raise DataError(f"{spec}: holds the split {loaded.split!r} only, not {split!r}")
+    for column, feature in loaded.features.items():
+        undecoded = _undecoded(feature)
+        if undecoded is not None:
+            loaded = loaded.cast_column(column, undecoded)
+    return DatasetRows(loaded, spec)
+
+
+def held_out_split(spec: str | Path) -> str | None:
+    """The split a held-out dataset is scored on by default: test, else validation (None: a file's rows, or the
+    train / only split)."""
+    if is_json_file(spec) or not Path(spec).exists():
+        return None
+    return _default_split(str(spec), ("test", "validation"))
+
+
+def _default_split(spec: str, prefer: tuple[str, ...]) -> str | None:
+    import datasets
+
+    try:
+        names = list(datasets.load_from_disk(spec)) if (Path(spec) / "dataset_dict.json").is_file() else \
+            list(datasets.get_dataset_split_names(spec))
+    except Exception:  # a single split, or a layout datasets names no splits for: the default rule applies
+        return None
+    return next((name for name in prefer if name in names), None)
+
+
+def read_rows(path: str | Path, *, keep_invalid: bool = False, split: str | None = None) -> list[Row] | DatasetRows:
+    """The records of a dataset: a JSON array or JSONL file (read here: UTF-8, with or without a BOM, each record
+    with its line number), or anything else :func:`open_hf_dataset` reads.
 
     A JSONL line that is not valid JSON or not UTF-8 raises a :class:`DataError` naming its line, or, with
     ``keep_invalid``, comes back as a row with ``error`` set, so that every bad line can be reported or skipped. A
     JSON array is one document: the first error in it ends the read."""
+    if not is_json_file(path):
+        return open_hf_dataset(str(path), split)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such dataset file")
@@ -109,12 +237,12 @@ def read_rows(path: str | Path, *, keep_invalid: bool = False) -> list[Row]:
 
 @dataclass
 class Sample:
-    """A validated RL sample. ``image`` is the resolved path (None for text-only rows)."""
+    """A validated RL sample. ``image`` is where its image is (None for text-only rows)."""
 
     problem: str
     solution: str
     key_steps: dict[str, Any]
-    image: Path | None
+    image: ImageRef | None
     where: str
     prompt_tokens: int = 0
     image_size: tuple[int, int] | None = None  # (width, height) on disk
@@ -125,7 +253,7 @@ class Sample:
 class SFTSample:
     prompt: str
     response: str
-    image: Path | None
+    image: ImageRef | None
     where: str
     tokens: int = 0  # prompt + response
     image_size: tuple[int, int] | None = None
@@ -152,6 +280,40 @@ class Report:
             return f"{self.kept} rows"
         reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
         return f"{self.kept} rows kept, {sum(self.skipped.values())} skipped ({reasons})"
+
+
+@dataclass
+class Columns:
+    """Which column holds what (``--prompt_key``, ...). Unset: the first of the usual names that the row has,
+    R1-VL's first, then EasyR1's."""
+
+    prompt: str | None = None
+    answer: str | None = None
+    image: str | None = None
+    solution: str | None = None
+    key_steps: str | None = None
+
+    DEFAULTS = {"prompt": ("problem", "prompt", "question"), "answer": ("answer",),
+                "image": ("image_path", "images", "image"), "solution": ("solution",), "key_steps": ("key_steps",)}
+    OPTIONS = {"prompt": "--prompt_key", "answer": "--answer_key", "image": "--image_key",
+               "solution": "--solution_key", "key_steps": "--key_steps_key"}
+
+    def key(self, role: str, row: Row) -> str:
+        given = getattr(self, role)
+        if given is not None:
+            return given
+        names = self.DEFAULTS[role]
+        data = row.data if isinstance(row.data, dict) else {}
+        return next((n for n in names if data.get(n) is not None), names[0])
+
+    def check(self, rows: list[Row] | DatasetRows) -> None:
+        """A column named by an option must exist: said with the columns that do (HF datasets know theirs)."""
+        if not isinstance(rows, DatasetRows):
+            return
+        for role, option in self.OPTIONS.items():
+            given = getattr(self, role)
+            if given is not None and given not in rows.columns:
+                raise DataError(f"{rows.name}: {option} {given!r}: no such column; it has {', '.join(rows.columns)}")
 
 
 def _need(row: Row, name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
@@ -196,35 +358,70 @@ def image_path(row: Row, field_name: str, rel: str, root: Path) -> Path:
     return path
 
 
-def _image(row: Row, field_name: str, rel: str, root: Path,
-           processing: Processing) -> tuple[Path, tuple[int, int], int]:
-    """A row's image: its path, its (width, height) on disk and the image tokens it becomes; named errors when the
-    model is text-only, or the file is missing or does not decode."""
+def image_ref(row: Row, field_name: str, value: Any, root: Path) -> ImageRef | None:
+    """Where a row's image is, from its column's value: a path (relative to ``root`` unless absolute), HF's
+    ``{"bytes", "path"}``, a PIL image, or a list holding at most one of these (None: no image)."""
+    item = None
+    if isinstance(value, (list, tuple)):
+        if len(value) > 1:
+            raise DataError(f"{row.where()}: field {field_name!r} holds {len(value)} images; a row takes at most one")
+        if not value:
+            return None
+        value, item, field_name = value[0], 0, f"{field_name}[0]"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return image_path(row, field_name, value, root)
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
+        if row.source is not None:
+            column = field_name.split("[")[0]
+            return EmbeddedImage(row.source.view(column), row.index, column, item)
+        if value.get("bytes") is not None:
+            return Image.open(io.BytesIO(bytes(value["bytes"])))
+        return image_path(row, field_name, value["path"], root)
+    raise DataError(f"{row.where()}: field {field_name!r} must be an image path, an image's bytes "
+                    f"({{'bytes': ..., 'path': ...}}) or a list holding one, got {type(value).__name__}")
+
+
+def _image(row: Row, field_name: str, value: Any, root: Path,
+           processing: Processing) -> tuple[ImageRef | None, tuple[int, int] | None, int | None]:
+    """A row's image: where it is, its (width, height) as stored and the image tokens it becomes (all None for
+    none); named errors when the model is text-only, or the image is missing, does not decode, or is one the model
+    cannot take."""
+    ref = image_ref(row, field_name, value, root)
+    if ref is None:
+        return None, None, None
     if not processing.multimodal:
         raise DataError(f"{row.where()}: field {field_name!r}: the model is text-only")
-    path = image_path(row, field_name, rel, root)
-    try:
-        with Image.open(path) as im:
+    name = ref if isinstance(ref, Path) else "the embedded image"
+    raw = value[0] if isinstance(value, (list, tuple)) else value
+    try:  # the bytes at hand, when the row holds them: an embedded image is not read twice
+        with (Image.open(io.BytesIO(bytes(raw["bytes"]))) if isinstance(raw, dict) and raw.get("bytes") is not None
+              else open_image(ref)) as im:
             im.load()
             size = im.size
     except Exception as e:  # PIL raises many types for a corrupt file
-        raise DataError(f"{row.where()}: field {field_name!r}: image does not decode: {path} ({e})") from None
+        raise DataError(f"{row.where()}: field {field_name!r}: image does not decode: {name} ({e})") from None
     try:
-        return path, size, processing.image_token_count(*size)
+        return ref, size, processing.image_token_count(*size)
     except ValueError as e:
-        raise DataError(f"{row.where()}: field {field_name!r}: {path}: {e}") from None
+        raise DataError(f"{row.where()}: field {field_name!r}: {name}: {e}") from None
 
 
 T = TypeVar("T")
 
 
 def _load(path: str | Path, parse: Callable[[Row], T], *, skip_invalid: bool, allow_empty: bool,
-          too_long: str) -> tuple[list[T], Report]:
+          too_long: str, split: str | None = None, columns: Columns | None = None) -> tuple[list[T], Report]:
     """``parse`` every row of ``path``: a bad row stops the load with its error, or with ``skip_invalid`` is
     skipped and counted (as ``too_long`` when over the length budget, else as an invalid row)."""
     samples: list[T] = []
     report = Report()
-    for row in read_rows(path, keep_invalid=True):
+    rows = read_rows(path, keep_invalid=True, split=split)
+    (columns or Columns()).check(rows)
+    for row in rows:
         try:
             samples.append(parse(row))
         except DataError as e:
@@ -237,68 +434,97 @@ def _load(path: str | Path, parse: Callable[[Row], T], *, skip_invalid: bool, al
     return samples, report
 
 
+def _root(path: str | Path, image_root: str | Path | None) -> Path:
+    return Path(image_root) if image_root is not None else (Path(path) if Path(path).is_dir() else Path(path).parent)
+
+
 def load_rl_dataset(
     path: str | Path, processing: Processing, *, image_root: str | Path | None = None, max_prompt_length: int,
-    skip_invalid: bool = False, allow_empty: bool = False,
+    skip_invalid: bool = False, allow_empty: bool = False, split: str | None = None, columns: Columns | None = None,
 ) -> tuple[list[Sample], Report]:
-    """R1-VL-10K rows (``image_path``, ``problem``, ``solution``, ``key_steps``), validated."""
-    root = Path(image_root) if image_root is not None else Path(path).parent
+    """R1-VL-10K rows (``image_path``, ``problem``, ``solution``, ``key_steps``), or any rows with a prompt, an
+    answer (when there is no solution: the solution is then its final-answer line) and optionally an image and key
+    steps (none: StepRAR has no key-step term for the row, and a warning names the rows), validated."""
+    root = _root(path, image_root)
+    columns = columns or Columns()
 
     def parse(row: Row) -> Sample:
-        problem = _need(row, "problem", str)
-        solution = _need(row, "solution", str)
-        key_steps = _check_key_steps(row, _need(row, "key_steps", dict))
-        rel = _need(row, "image_path", str, optional=True)
-        image = size = tokens = None
-        if rel is not None:
-            image, size, tokens = _image(row, "image_path", rel, root, processing)
+        problem = _need(row, columns.key("prompt", row), str)
+        solution_key = columns.key("solution", row)
+        solution = _need(row, solution_key, str, optional=True)
+        if solution is None:
+            answer_key = columns.key("answer", row)
+            answer = _need(row, answer_key, (str, int, float), optional=True)
+            if answer is None:
+                raise DataError(f"{row.where()}: field {solution_key!r} is missing, and there is no "
+                                f"{answer_key!r} to take the final answer from")
+            solution = f"{ANSWER_MARKER} {answer}"
+        steps = _need(row, columns.key("key_steps", row), dict, optional=True)
+        key_steps = _check_key_steps(row, steps) if steps is not None else {"Steps": []}
+        image_key = columns.key("image", row)
+        value = row.data.get(image_key) if isinstance(row.data, dict) else None
+        image, size, tokens = _image(row, image_key, value, root, processing)
         length = len(processing.prompt_ids(problem, tokens))
         if length > max_prompt_length:
             raise TooLongError(f"{row.where()}: prompt is {length} tokens (image tokens included) > "
                                f"max_prompt_length {max_prompt_length}; prompts are never cut")
         return Sample(problem, solution, key_steps, image, row.where(), length, size, tokens or 0)
 
-    return _load(path, parse, skip_invalid=skip_invalid, allow_empty=allow_empty, too_long="over-long prompts")
+    return _load(path, parse, skip_invalid=skip_invalid, allow_empty=allow_empty, too_long="over-long prompts",
+                 split=split, columns=columns)
 
 
 def mulberry_turns(row: Row) -> tuple[str, str, str | None]:
     """A Mulberry row's user prompt (``<image>`` removed), assistant response and image path (None if none)."""
+    prompt, response = _turns(row)
+    images = _need(row, "images", list, optional=True) or []
+    if len(images) > 1 or (images and not isinstance(images[0], str)):
+        raise DataError(f"{row.where()}: field 'images' must hold at most one path")
+    return prompt, response, images[0] if images else None
+
+
+def _turns(row: Row) -> tuple[str, str]:
     messages = _need(row, "messages", list)
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
     if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in messages):
         raise DataError(f"{row.where()}: field 'messages' must be [user, assistant] turns with str content, "
                         f"got roles {roles}")
-    images = _need(row, "images", list, optional=True) or []
-    if len(images) > 1 or (images and not isinstance(images[0], str)):
-        raise DataError(f"{row.where()}: field 'images' must hold at most one path")
-    return messages[0]["content"].replace("<image>", ""), messages[1]["content"], images[0] if images else None
+    return messages[0]["content"].replace("<image>", ""), messages[1]["content"]
 
 
 def load_sft_dataset(
     path: str | Path, processing: Processing, *, image_root: str | Path | None = None, max_length: int,
-    skip_invalid: bool = False, allow_empty: bool = False,
+    skip_invalid: bool = False, allow_empty: bool = False, split: str | None = None, columns: Columns | None = None,
 ) -> tuple[list[SFTSample], Report]:
-    """Mulberry rows: ``messages`` [user (``<image>`` + question), assistant (reasoning)] and ``images`` [path]."""
-    root = Path(image_root) if image_root is not None else Path(path).parent
+    """Mulberry rows: ``messages`` [user (``<image>`` + question), assistant (reasoning)] and ``images`` (a path,
+    embedded bytes, or a list holding one); without ``messages``, the prompt and solution columns are the turns."""
+    root = _root(path, image_root)
+    columns = columns or Columns()
 
     def parse(row: Row) -> SFTSample:
-        prompt, response, rel = mulberry_turns(row)
-        image = size = tokens = None
-        if rel is not None:
-            image, size, tokens = _image(row, "images[0]", rel, root, processing)
+        data = row.data if isinstance(row.data, dict) else {}
+        if "messages" in data or columns.prompt is None and columns.key("prompt", row) not in data:
+            prompt, response = _turns(row)
+            image_key = columns.image or "images"
+        else:
+            prompt = _need(row, columns.key("prompt", row), str).replace("<image>", "")
+            response = _need(row, columns.key("solution", row), str)
+            image_key = columns.key("image", row)
+        image, size, tokens = _image(row, image_key, data.get(image_key), root, processing)
         response_tokens = len(processing.encode_response(response))
         length = len(processing.prompt_ids(prompt, tokens)) + response_tokens
         if length > max_length:
             raise TooLongError(f"{row.where()}: sequence is {length} tokens > max_length {max_length}")
         return SFTSample(prompt, response, image, row.where(), length, size, tokens or 0, response_tokens)
 
-    return _load(path, parse, skip_invalid=skip_invalid, allow_empty=allow_empty, too_long="over-long rows")
+    return _load(path, parse, skip_invalid=skip_invalid, allow_empty=allow_empty, too_long="over-long rows",
+                 split=split, columns=columns)
 
 
-def encode_prompt(processing: Processing, problem: str, image: Path | None) -> PromptInputs:
+def encode_prompt(processing: Processing, problem: str, image: ImageRef | None) -> PromptInputs:
     if image is None:
         return processing.encode_prompt(problem, None)
-    with Image.open(image) as im:
+    with open_image(image) as im:
         return processing.encode_prompt(problem, im)
 
 
@@ -347,21 +573,21 @@ def _spread(values: list[int]) -> dict[str, float] | None:
 
 
 def check_dataset(path: str | Path, processing: Processing, *, kind: str = "auto", image_root: str | Path | None = None,
-                  max_length: int = 512) -> dict[str, Any]:
+                  max_length: int = 512, split: str | None = None, columns: Columns | None = None) -> dict[str, Any]:
     """Validate every row (never stopping at the first bad one) and describe the good ones: image sizes, the
     image-token counts they imply under the processing's pixel budget, and prompt (or sequence) lengths."""
-    rows = read_rows(path, keep_invalid=True)
+    rows = read_rows(path, keep_invalid=True, split=split)
     if kind == "auto":
         first: Any = next((r.data for r in rows if r.error is None), {})
         kind = "sft" if isinstance(first, dict) and "messages" in first else "rl"
     samples: list[Any]
     if kind == "rl":
         samples, report = load_rl_dataset(path, processing, image_root=image_root, max_prompt_length=max_length,
-                                          skip_invalid=True, allow_empty=True)
+                                          skip_invalid=True, allow_empty=True, split=split, columns=columns)
         lengths = [s.prompt_tokens for s in samples]
     else:
         samples, report = load_sft_dataset(path, processing, image_root=image_root, max_length=max_length,
-                                           skip_invalid=True, allow_empty=True)
+                                           skip_invalid=True, allow_empty=True, split=split, columns=columns)
         lengths = [s.tokens for s in samples]
     sizes = [s.image_size for s in samples if s.image_size is not None]
     errors = report.errors + ([f"{path}: no usable rows: training on this file would stop"] if not samples else [])
@@ -385,7 +611,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="Validate a dataset file and print a report.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    check.add_argument("file", help="An R1-VL-10K (RL) or Mulberry (SFT) JSON / JSONL file.")
+    check.add_argument("file", help="An R1-VL-10K (RL) or Mulberry (SFT) dataset: a JSON / JSONL file, a parquet "
+                                    "file or folder, a save_to_disk folder, or a hub name org/name.")
+    check.add_argument("--dataset_split", default=None, help="The split to check (default: train, or the only one).")
+    for role, option in Columns.OPTIONS.items():
+        check.add_argument(option, default=None, help=f"Column of the {role.replace('_', ' ')} (default: the first "
+                                                      f"of {', '.join(Columns.DEFAULTS[role])} present).")
     check.add_argument("--kind", choices=("auto", "rl", "sft"), default="auto", help="Row format.")
     check.add_argument("--model_name_or_path", default=None,
                        help="Tokenizer (and image processor) to count tokens with (default: the demo's).")
@@ -404,8 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         processing = Processing.from_pretrained(args.model_name_or_path, min_pixels=args.min_pixels,
                                                 max_pixels=args.max_pixels)
+    columns = Columns(**{role: getattr(args, option[2:]) for role, option in Columns.OPTIONS.items()})
     report = check_dataset(args.file, processing, kind=args.kind, image_root=args.image_root,
-                           max_length=args.max_length)
+                           max_length=args.max_length, split=args.dataset_split, columns=columns)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

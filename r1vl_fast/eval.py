@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from r1vl_fast.config import check_model_path
-from r1vl_fast.data import DataError, image_path, read_rows
+from r1vl_fast.data import Columns, DataError, held_out_split, image_ref, read_rows
 from r1vl_fast.errors import reports_user_errors
 from r1vl_fast.processing import MAX_PIXELS, MIN_PIXELS, Processing
 from r1vl_fast.rewards import MathVerifier, final_answer, match_key_steps, step_rvr
@@ -74,40 +74,47 @@ def judge(preds: list[str | None], golds: list[str], verifier: MathVerifier | No
     return [bool(x) for x in out]
 
 
-def load_benchmark(path: str | Path, processing: Processing, image_root: str | Path | None) -> list[dict[str, Any]]:
-    """Rows with ``problem``, an ``answer`` (or a ``solution`` ending in the final-answer line), optionally
-    ``image_path`` and ``key_steps``; errors name the file and line."""
-    root = Path(image_root) if image_root is not None else Path(path).parent
+def load_benchmark(path: str | Path, processing: Processing, image_root: str | Path | None, *,
+                   split: str | None = None, columns: Columns | None = None) -> list[dict[str, Any]]:
+    """Rows with ``problem``, an ``answer`` (or a ``solution`` ending in the final-answer line), optionally an image
+    and ``key_steps``, from any dataset :func:`r1vl_fast.data.read_rows` reads (columns by :class:`Columns`);
+    errors name the file and line (or row)."""
+    root = Path(image_root) if image_root is not None else (Path(path) if Path(path).is_dir() else Path(path).parent)
+    columns = columns or Columns()
     items = []
-    for row in read_rows(path):
+    rows = read_rows(path, split=split if split is not None else held_out_split(path))
+    columns.check(rows)
+    for row in rows:
         d = row.data
-        if not isinstance(d, dict) or not isinstance(d.get("problem"), str):
-            raise DataError(f"{row.where()}: field 'problem' must be str")
-        gold = d.get("answer", d.get("solution"))
+        prompt_key = columns.key("prompt", row)
+        if not isinstance(d, dict) or not isinstance(d.get(prompt_key), str):
+            raise DataError(f"{row.where()}: field {prompt_key!r} must be str")
+        answer_key, solution_key = columns.key("answer", row), columns.key("solution", row)
+        gold = d.get(answer_key, d.get(solution_key))
         if isinstance(gold, (int, float)):
             gold = str(gold)
         if not isinstance(gold, str):
-            raise DataError(f"{row.where()}: needs an 'answer' (or 'solution') string")
+            raise DataError(f"{row.where()}: needs an {answer_key!r} (or {solution_key!r}) string")
         gold = final_answer(gold) or gold.strip()
-        image = None
-        if d.get("image_path") is not None:
-            image = image_path(row, "image_path", d["image_path"], root)
-            if not processing.multimodal:
-                raise DataError(f"{row.where()}: field 'image_path': the model is text-only")
-        items.append({"where": row.where(), "problem": d["problem"], "gold": gold, "image": image,
-                      "key_steps": d.get("key_steps")})
+        image_key = columns.key("image", row)
+        image = image_ref(row, image_key, d.get(image_key), root)
+        if image is not None and not processing.multimodal:
+            raise DataError(f"{row.where()}: field {image_key!r}: the model is text-only")
+        items.append({"where": row.where(), "problem": d[prompt_key], "gold": gold, "image": image,
+                      "key_steps": d.get(columns.key("key_steps", row))})
     if not items:
         raise DataError(f"{path}: no rows to evaluate")
     return items
 
 
 def evaluate_file(model_path: str, dataset: str | Path, output_dir: str | Path, *, image_root: str | None = None,
-                  num_samples: int = 1, temperature: float | None = None, max_new_tokens: int = 1024,
+                  split: str | None = None, columns: Columns | None = None, num_samples: int = 1,
+                  temperature: float | None = None, max_new_tokens: int = 1024,
                   min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, batch_size: int = 16,
                   rollout_engine: str = "auto", seed: int = 0) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     processing = Processing.from_pretrained(model_path, min_pixels=min_pixels, max_pixels=max_pixels)
-    items = load_benchmark(dataset, processing, image_root)
+    items = load_benchmark(dataset, processing, image_root, split=split, columns=columns)
     temperature = temperature if temperature is not None else (None if num_samples == 1 else 1.0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine = make_engine(rollout_engine, processing, device=device, dtype=dtype, weights_path=model_path,
@@ -153,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r1vl_fast.eval", description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="A checkpoint directory or hub id.")
-    parser.add_argument("--dataset", required=True, help="Benchmark rows (JSON / JSONL).")
+    parser.add_argument("--dataset", required=True, help="Benchmark rows: a JSON / JSONL file, a parquet file or "
+                                                         "folder, a save_to_disk folder, or a hub name org/name.")
+    parser.add_argument("--dataset_split", default=None,
+                        help="Split of --dataset (default: test, else validation, else its only split).")
+    for role, option in Columns.OPTIONS.items():
+        parser.add_argument(option, default=None, help=f"Column of the {role.replace('_', ' ')} (default: the "
+                                                       f"first of {', '.join(Columns.DEFAULTS[role])} present).")
     parser.add_argument("--image_root", default=None, help="Directory image paths are relative to.")
     parser.add_argument("--output_dir", default=None, help="Where predictions.jsonl and summary.json go "
                                                           "(default: runs/eval-<dataset name>).")
@@ -172,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num_samples must be >= 1")
     check_model_path(args.model_name_or_path)
     output_dir = args.output_dir or Path("runs") / f"eval-{Path(args.dataset).stem}"
+    columns = Columns(**{role: getattr(args, option[2:]) for role, option in Columns.OPTIONS.items()})
     summary = evaluate_file(args.model_name_or_path, args.dataset, output_dir, image_root=args.image_root,
+                            split=args.dataset_split, columns=columns,
                             num_samples=args.num_samples, temperature=args.temperature,
                             max_new_tokens=args.max_new_tokens, min_pixels=args.min_pixels,
                             max_pixels=args.max_pixels, batch_size=args.batch_size,

@@ -12,7 +12,7 @@ import torch
 
 from r1vl_fast.checkpoint import rng_state, set_rng_state
 from r1vl_fast.config import GRPOTrainConfig
-from r1vl_fast.data import Sample, load_rl_dataset
+from r1vl_fast.data import Sample, held_out_split, load_rl_dataset
 from r1vl_fast.distributed import World, all_sum
 from r1vl_fast.modeling import load_model
 from r1vl_fast.processing import Processing
@@ -59,7 +59,9 @@ def evaluate(model: Any, processing: Processing, samples: list[Sample], *, prese
 def load_held_out(dataset: str | Path, processing: Processing, config: GRPOTrainConfig) -> list[Sample]:
     """Held-out R1-VL rows, validated like the run's training rows."""
     samples, _ = load_rl_dataset(dataset, processing, image_root=config.image_root,
-                                 max_prompt_length=config.max_prompt_length, skip_invalid=config.skip_invalid)
+                                 max_prompt_length=config.max_prompt_length, skip_invalid=config.skip_invalid,
+                                 split=config.eval_dataset_split or held_out_split(dataset),
+                                 columns=config.columns())
     return samples
 
 

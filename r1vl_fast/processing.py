@@ -12,6 +12,7 @@ max_pixels.)
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from collections import OrderedDict
@@ -49,6 +50,51 @@ class PromptInputs:
     image_grid_thw: torch.Tensor | None = None
     image: Image.Image | None = None
     source: str = ""
+
+
+class EmbeddedImage:
+    """An image stored as bytes in a Hugging Face dataset's column (``{"bytes", "path"}``, as its Image feature
+    stores it; or the ``i``-th of a list of them), read from the memory-mapped Arrow table when needed: a dataset of
+    100k embedded images is never held in memory whole."""
+
+    def __init__(self, dataset: Any, row: int, column: str, item: int | None = None) -> None:
+        self.dataset, self.row, self.column, self.item = dataset, row, column, item
+
+    def value(self) -> Any:
+        value = self.dataset[self.row][self.column]
+        return value[self.item] if self.item is not None else value
+
+    def read_bytes(self) -> bytes:
+        value = self.value()
+        if isinstance(value, dict) and value.get("bytes") is not None:
+            return bytes(value["bytes"])
+        if isinstance(value, dict) and value.get("path"):
+            return Path(value["path"]).read_bytes()
+        raise ValueError(f"row {self.row}: column {self.column!r} holds no image bytes")
+
+    def __repr__(self) -> str:
+        where = f"[{self.item}]" if self.item is not None else ""
+        return f"EmbeddedImage(row {self.row}, column {self.column!r}{where})"
+
+
+# Where a row's image is: a file, bytes in a dataset (read on demand), or an image already in memory.
+ImageRef = Path | EmbeddedImage | Image.Image
+
+
+def image_bytes(ref: ImageRef) -> bytes:
+    """What identifies an image's content (the prompt cache's key): the file's or the stored bytes, or the pixels."""
+    if isinstance(ref, Image.Image):
+        return f"{ref.mode}{ref.size}".encode() + ref.tobytes()
+    return ref.read_bytes()
+
+
+def open_image(ref: ImageRef) -> Image.Image:
+    """The image ``ref`` points to (decoded lazily by PIL; close it, or use it in a ``with``)."""
+    if isinstance(ref, Image.Image):
+        return ref.copy()
+    if isinstance(ref, EmbeddedImage):
+        return Image.open(io.BytesIO(ref.read_bytes()))
+    return Image.open(ref)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -245,11 +291,11 @@ def shared_inputs(
 
 class PromptCache:
     """Each distinct (problem, image) turned into model inputs once per run: the RGB image, its pixel patches,
-    ``image_grid_thw`` and the prompt's token ids, keyed by the image file's content hash and the pixel budget.
-    Rollouts and training take the same ``PromptInputs``, so the engine and the trainer cannot disagree on an
-    image's token count. Beyond ``max_bytes`` of pixel patches in memory, the least recently used entries move to
-    ``spill_dir`` (one file each, read back memory-mapped), or are dropped without one. ``images_processed`` counts
-    the images actually decoded and resized."""
+    ``image_grid_thw`` and the prompt's token ids, keyed by the image's content hash (a file's bytes, or a dataset's
+    embedded bytes) and the pixel budget. Rollouts and training take the same ``PromptInputs``, so the engine and
+    the trainer cannot disagree on an image's token count. Beyond ``max_bytes`` of pixel patches and images in
+    memory, the least recently used entries move to ``spill_dir`` (one file each, read back memory-mapped), or are
+    dropped without one. ``images_processed`` counts the images actually decoded and processed."""
 
     def __init__(self, processing: Processing, max_bytes: int = 1 << 30, spill_dir: Path | None = None) -> None:
         self.processing, self.max_bytes, self.spill_dir = processing, max_bytes, spill_dir
@@ -258,10 +304,10 @@ class PromptCache:
         self._bytes = 0
         self.images_processed = 0
 
-    def _key(self, problem: str, image: Path | None) -> str:
+    def _key(self, problem: str, image: ImageRef | None) -> str:
         h = hashlib.sha1(problem.encode())
         if image is not None:
-            h.update(image.read_bytes())
+            h.update(image_bytes(image))
             h.update(f"{self.processing.min_pixels}/{self.processing.max_pixels}".encode())
         return h.hexdigest()
 
@@ -272,7 +318,7 @@ class PromptCache:
         image = inputs.image.size[0] * inputs.image.size[1] * 3 if inputs.image is not None else 0
         return inputs.pixel_values.numel() * inputs.pixel_values.element_size() + image
 
-    def get(self, problem: str, image: Path | None) -> PromptInputs:
+    def get(self, problem: str, image: ImageRef | None) -> PromptInputs:
         key = self._key(problem, image)
         hit = self._entries.get(key)
         if hit is not None:
@@ -283,7 +329,7 @@ class PromptCache:
         elif image is None:
             inputs = self.processing.encode_prompt(problem, None)
         else:
-            with Image.open(image) as im:
+            with open_image(image) as im:
                 inputs = self.processing.encode_prompt(problem, im)
             self.images_processed += 1
         self._entries[key] = inputs

@@ -42,6 +42,7 @@ def run_sft(config: SFTConfig) -> Path:
 def _sft(config: SFTConfig, run: Run) -> Path:
     assert config.dataset is not None
     samples, report = load_sft_dataset(config.dataset, run.processing, image_root=config.image_root,
+                                       split=config.dataset_split, columns=config.columns(),
                                        max_length=config.max_length, skip_invalid=config.skip_invalid)
     log.info("dataset %s: %s", config.dataset, report.summary())
     policy = load_policy(run, config)
@@ -68,6 +69,7 @@ def _grpo(config: GRPOTrainConfig, run: Run) -> Path:
     world, output_dir, checkpoint, device, dtype = run.world, run.output_dir, run.checkpoint, run.device, run.dtype
     processing = run.processing
     samples, report = load_rl_dataset(config.dataset, processing, image_root=config.image_root,
+                                      split=config.dataset_split, columns=config.columns(),
                                       max_prompt_length=config.max_prompt_length, skip_invalid=config.skip_invalid)
     log.info("dataset %s: %s", config.dataset, report.summary())
 

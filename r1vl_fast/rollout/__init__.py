@@ -8,13 +8,12 @@ one by name and :func:`sample_completions` drives any of them over a list of pro
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from r1vl_fast.data import encode_prompt
-from r1vl_fast.processing import Processing
+from r1vl_fast.processing import ImageRef, Processing
 from r1vl_fast.rollout.engine import RolloutEngine, Rollouts, SamplingConfig, draw_seeds, finish
 from r1vl_fast.rollout.hf_engine import HFRolloutEngine
 from r1vl_fast.rollout.vllm_engine import VLLMRolloutEngine, default_sleep_mode, vllm_available
@@ -55,7 +54,7 @@ def make_engine(name: str, processing: Processing, *, device: torch.device, dtyp
                              gpu_memory_utilization=gpu_memory_utilization, sleep_mode=sleep_mode, seed=seed)
 
 
-def sample_completions(engine: RolloutEngine, processing: Processing, prompts: list[tuple[str, Path | None]], *,
+def sample_completions(engine: RolloutEngine, processing: Processing, prompts: list[tuple[str, ImageRef | None]], *,
                        n: int, temperature: float | None, max_new_tokens: int, batch_size: int = 16,
                        seed: int = 0, seeds: list[int] | None = None) -> tuple[list[str], list[int]]:
     """Texts and token counts of ``n`` completions per (problem, image), prompt-major, in batches;
