@@ -13,7 +13,9 @@
 # 4. the LM head fused into the loss (no logits tensor) against materialised logits and Liger's fused linear GRPO
 #    loss, bf16, H 1536 / 3584, 8x1024 and 16x2048 tokens: time and peak memory;
 # 5. three StepGRPO steps on a Qwen2-VL-2B-shaped model (random weights, depth cut);
-# 6. $OUT/summary.json with every figure.
+# 6. image sizing against the GPU image's AutoImageProcessor (with torchvision there, the fast processor: token
+#    counts must agree; pixel values are compared too, and a difference is reported, not hidden);
+# 7. $OUT/summary.json with every figure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_check}"
@@ -46,5 +48,6 @@ run loss_bench 300 "$PY" -m pytest -q -p no:cacheprovider benches/test_bench_grp
 run linear_bench 240 "$PY" -m pytest -q -s -p no:cacheprovider benches/test_bench_linear_loss.py -k gpu \
   --benchmark-only --benchmark-json="$OUT/linear_bench.json"
 run train_step 240 "$PY" benches/gpu_step.py --out "$OUT/step"
+run sizing 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_image_sizing.py
 "$PY" benches/gpu_summary.py "$OUT" >"$OUT/summary.json" && cat "$OUT/summary.json"
 exit $status

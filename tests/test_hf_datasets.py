@@ -14,7 +14,6 @@ import datasets
 import pytest
 import torch
 from PIL import Image
-from test_reliability import _last_line
 from test_trainer import _args as trainer_args
 
 from r1vl_fast.data import Columns, DataError, encode_prompt, load_rl_dataset, load_sft_dataset
