@@ -33,7 +33,7 @@ CHANGEABLE = frozenset({
     # how long it trains (--max_steps past the checkpoint's step continues exactly)
     "max_steps", "num_train_epochs",
     # saving, logging, evaluation
-    "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_dataset", "eval_steps",
+    "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_dataset", "eval_dataset_split", "eval_steps",
     "log_completions_steps", "num_completions_to_log",
     # where the images are found (the rows themselves are checked by content)
     "image_root",
