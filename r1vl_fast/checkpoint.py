@@ -60,11 +60,16 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def hash_into(digest: Any, path: Path) -> None:
+    """Feed a file's bytes to ``digest``, 16 MiB at a time."""
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
             digest.update(block)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    hash_into(digest, path)
     return digest.hexdigest()
 
 
@@ -211,11 +216,7 @@ def latest_checkpoint(output_dir: str | Path, *, hashes: bool = False) -> Path |
 
 def damaged(path: Path, problems: list[str], *, option: str = "--resume_from_checkpoint") -> CheckpointError:
     """The one-line error for a damaged checkpoint, naming the newest complete checkpoint beside it."""
-    good = None
-    for _, other in reversed(checkpoints(path.parent)):
-        if other.resolve() != path.resolve() and is_complete(other, hashes=True):
-            good = other
-            break
+    good = latest_checkpoint(path.parent, hashes=True)  # never ``path`` itself: it has ``problems``
     instead = (f"; the newest complete checkpoint is {good}: use that one instead" if good is not None
                else f"; {path.parent} holds no complete checkpoint")
     listed = "; ".join(problems[:4]) + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from r1vl_fast.checkpoint import RUN_FILE, STATE_FILE, checkpoints
+from r1vl_fast.checkpoint import RUN_FILE, STATE_FILE, checkpoints, hash_into
 from r1vl_fast.errors import ConfigError
 
 log = logging.getLogger("r1vl_fast")
@@ -51,9 +51,7 @@ def _sha256_tree(path: Path) -> str:
     for file in files:
         if file != path:
             digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with open(file, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
+        hash_into(digest, file)
     return digest.hexdigest()
 
 
