@@ -104,16 +104,27 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return list(layers)
 
 
+def vision_blocks(model: Any) -> list[torch.nn.Module]:
+    """The transformer blocks of a vision-language model's vision encoder (Qwen2-VL through Qwen3.5: ``blocks``)."""
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    return list(getattr(visual, "blocks", None) or [])
+
+
 def wrap(model: Any, world: World, *, fsdp: bool, param_dtype: torch.dtype, trainable: bool = True) -> Any:
-    """FSDP2 (``fully_shard`` per decoder layer, the vision tower, then the root) or DDP for a trainable model;
-    the model unchanged at world size 1 (and a frozen model under DDP: a plain replica)."""
-    if world.size == 1:
+    """FSDP2 (``fully_shard`` per decoder layer, per vision block, the rest of the vision encoder, then the root) or
+    DDP for a trainable model; the model unchanged at world size 1 (and a frozen model under DDP: a plain replica).
+    Under either, a rank whose batch has no image still runs the vision encoder in step with the others
+    (:func:`r1vl_fast.modeling.keep_vision_in_step`)."""
+    if world.size == 1 or (not fsdp and not trainable):
         return model
+    from r1vl_fast.modeling import keep_vision_in_step
+
+    keep_vision_in_step(model)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        for layer in decoder_layers(model):
+        for layer in decoder_layers(model) + vision_blocks(model):
             fully_shard(layer, mp_policy=policy)
         visual = getattr(getattr(model, "model", model), "visual", None)
         if visual is not None:
@@ -126,8 +137,6 @@ def wrap(model: Any, world: World, *, fsdp: bool, param_dtype: torch.dtype, trai
         with torch.no_grad():
             model(input_ids=ids, use_cache=False, **extra)
         model.reshard()  # the root keeps its parameters gathered after a forward; the optimizer must see shards
-        return model
-    if not trainable:
         return model
     from torch.nn.parallel import DistributedDataParallel
 

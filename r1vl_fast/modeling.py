@@ -67,15 +67,14 @@ def shared_completion_hidden(model: Any, batch: dict[str, torch.Tensor], complet
     group = int(batch["group_size"])
     prompt = {k: v for k, v in batch.items() if not k.startswith("completion_") and k != "group_size"}
     with _checkpoint_with_cache(model):
-        recorded = _RecordingCache()
+        recorded = _RecordingCache(model)
         first = model(**_model_inputs(prompt), past_key_values=recorded, use_cache=True, logits_to_keep=1,
                       output_hidden_states=True)
         last_prompt = first.hidden_states[-1][:, -1:].repeat_interleave(group, dim=0)
         steps = completion_length - 1  # the last completion token predicts past the end: not run
         if steps <= 0:
             return last_prompt[:, :completion_length]
-        cache = _PrefixCache([(k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0))
-                              for k, v in (recorded.kv[i] for i in sorted(recorded.kv))])
+        cache = _PrefixCache(model, recorded, group)
         second = _completions(model, batch, prompt, cache, group, steps)
     return torch.cat([last_prompt, second.hidden_states[-1]], dim=1)
 
@@ -103,44 +102,96 @@ def _completions(model: Any, batch: dict[str, torch.Tensor], prompt: dict[str, t
 
 @functools.cache
 def _cache_classes() -> tuple[type, type]:
+    """Two caches for the shared layout, over transformers' ``DynamicCache`` built from the model's config (so that a
+    hybrid model gets its linear-attention layers): neither ever changes a tensor in place, so gradients flow through
+    them and a recompute under gradient checkpointing sees what the forward saw. The methods overridden are the
+    ones the Qwen3.5 layers call, by their names in transformers 5.19 and in 5.2x (``get_conv_state``,
+    ``get_recurrent_state``, ``is_recording_past``)."""
     from transformers import DynamicCache
 
     class RecordingCache(DynamicCache):
-        """Keeps each layer's keys and values as the prompt forward makes them (a recompute under gradient
-        checkpointing overwrites them with equal ones) instead of accumulating them."""
+        """Keeps what the prompt forward leaves in each layer, as it makes it, instead of accumulating it: the keys
+        and values of an attention layer; the last ``kernel`` inputs of a linear-attention layer's causal
+        convolution (its conv state) and its recurrent state."""
 
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, config: Any) -> None:
+            super().__init__(config=config)
             self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            self.conv: dict[int, torch.Tensor] = {}
+            self.recurrent: dict[int, torch.Tensor] = {}
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                    *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             self.kv[layer_idx] = (key_states, value_states)
             return key_states, value_states
 
-    class PrefixCache(DynamicCache):
-        """The prompts' keys and values, G-fold, read by the completions' attention and never appended to, so that
-        a recompute under gradient checkpointing sees the same cache as the forward did."""
+        def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                              conv_kernel_size: int | None = None, **kwargs: Any) -> torch.Tensor:
+            kernel = int(conv_kernel_size or conv_states.shape[-1])
+            padded = torch.nn.functional.pad(conv_states, (max(kernel - conv_states.shape[-1], 0), 0))
+            self.conv[layer_idx] = padded[..., -kernel:]
+            return conv_states
 
-        def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-            super().__init__()
-            for i, (k, v) in enumerate(prefix):
+        def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                                   **kwargs: Any) -> torch.Tensor:
+            self.recurrent[layer_idx] = recurrent_states
+            return recurrent_states
+
+        def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+            return False
+
+        def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> None:
+            return None
+
+        def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> None:
+            return None
+
+    class PrefixCache(DynamicCache):
+        """The prompts' state, G-fold: keys and values, and the conv and recurrent states of linear-attention
+        layers. The completions read it and never append to it: each layer gets the prefix and its own tokens."""
+
+        def __init__(self, config: Any, kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                     conv: dict[int, torch.Tensor], recurrent: dict[int, torch.Tensor]) -> None:
+            super().__init__(config=config)
+            for i, (k, v) in sorted(kv.items()):
                 super().update(k, v, i)
+            for i in sorted(conv):
+                super().update_conv_state(conv[i], i, conv_kernel_size=conv[i].shape[-1])
+                super().update_recurrent_state(recurrent[i], i)
+                self.layers[i].record_past = True  # never the single-token path, which updates the state in place
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                    *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             layer: Any = self.layers[layer_idx]
             return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
+        def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                              **kwargs: Any) -> torch.Tensor:
+            return torch.cat([self.layers[layer_idx].conv_states[state_idx], conv_states], dim=-1)
+
+        def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                                   **kwargs: Any) -> torch.Tensor:
+            return recurrent_states
+
+        def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+            return 0
+
     return RecordingCache, PrefixCache
 
 
-def _RecordingCache() -> Any:  # noqa: N802 (built lazily: transformers is imported on first use)
-    return _cache_classes()[0]()
+def _RecordingCache(model: Any) -> Any:  # noqa: N802 (built lazily: transformers is imported on first use)
+    return _cache_classes()[0](unwrap(model).config)
 
 
-def _PrefixCache(prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:  # noqa: N802
-    return _cache_classes()[1](prefix)
+def _PrefixCache(model: Any, recorded: Any, group: int) -> Any:  # noqa: N802
+    """The prompts' recorded state, each prompt's repeated for its G completions (``repeat_interleave``: the
+    gradients of the G copies flow back and sum into the prompt's)."""
+    def fork(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(group, dim=0)
+
+    return _cache_classes()[1](
+        unwrap(model).config, {i: (fork(k), fork(v)) for i, (k, v) in recorded.kv.items()},
+        {i: fork(c) for i, c in recorded.conv.items()}, {i: fork(r) for i, r in recorded.recurrent.items()})
 
 
 @contextlib.contextmanager
@@ -163,43 +214,130 @@ def _checkpoint_with_cache(model: Any) -> Iterator[None]:
 
 
 def vision_tower(model: Any) -> Any | None:
-    """The vision encoder (with its merger) of a Qwen2-VL / Qwen2.5-VL model, or None for a text-only one."""
+    """The vision encoder (with its merger, and Qwen3-VL's deepstack mergers) of a Qwen-VL family model, or None for
+    a text-only one."""
     return getattr(getattr(unwrap(model), "model", None), "visual", None)
 
 
 def freeze_vision(model: Any) -> None:
-    """``--freeze_vision``: the vision encoder and its merger keep their weights (EasyR1's freeze_vision_tower)."""
+    """``--freeze_vision``: the vision encoder, its merger and Qwen3-VL's deepstack mergers (all inside ``visual``)
+    keep their weights (EasyR1's freeze_vision_tower)."""
     visual = vision_tower(model)
     if visual is None:
         raise ValueError("--freeze_vision: the model has no vision encoder")
     visual.requires_grad_(False)
 
 
+CACHED_KEYS = ("image_embeds", "image_embed_sizes", "image_deepstack", "vision_cached")
+
+
 @torch.no_grad()
 def embed_images(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``batch`` with its pixel patches replaced by their image embeddings (``image_embeds``), computed once by the
-    frozen vision encoder and reused by every later pass over the batch (policy, old policy, reference: a frozen
-    encoder is the same in all three). Exact: the model takes them as ``mm_encoder_outputs``."""
+    """``batch`` with its pixel patches replaced by their image embeddings (``image_embeds``, and Qwen3-VL's deepstack
+    features ``image_deepstack`` [layers, tokens, H]), computed once by the frozen vision encoder and reused by every
+    later pass over the batch (policy, old policy, reference: a frozen encoder is the same in all three). Exact: the
+    model takes them as ``mm_encoder_outputs``. A batch without images is marked ``vision_cached`` too, so that no
+    later pass runs the encoder on any rank (:func:`keep_vision_in_step`)."""
+    out = {k: v for k, v in batch.items() if k != "pixel_values"}
+    out["vision_cached"] = torch.tensor(True)
     if "pixel_values" not in batch:
-        return batch
+        if vision_tower(model) is not None and _vision_in_lockstep(model):
+            _dummy_vision_features(unwrap(model).model)  # the ranks with images run the encoder here too
+        return out
     inner = unwrap(model).model
     features = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
-    out = {k: v for k, v in batch.items() if k != "pixel_values"}
     out["image_embeds"] = torch.cat(features.pooler_output)
     out["image_embed_sizes"] = torch.tensor([len(f) for f in features.pooler_output])
+    deepstack = getattr(features, "deepstack_features", None)
+    if deepstack:
+        out["image_deepstack"] = torch.stack([torch.cat(list(f)) if isinstance(f, (list, tuple)) else f
+                                              for f in deepstack])
     return out
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The keyword arguments a model takes for ``batch``: cached image embeddings become ``mm_encoder_outputs``."""
-    if "image_embeds" not in batch:
+    """The keyword arguments a model takes for ``batch``: cached image embeddings become ``mm_encoder_outputs`` (an
+    empty one for a cached batch without images: the model runs no encoder)."""
+    if "vision_cached" not in batch:
         return batch
+    rest = {k: v for k, v in batch.items() if k not in CACHED_KEYS}
+    if "image_embeds" not in batch:
+        return {**rest, "mm_encoder_outputs": {}}
+    sizes = batch["image_embed_sizes"].tolist()
+    embeds = torch.split(batch["image_embeds"], sizes)
+    deepstack = ([torch.split(layer, sizes) for layer in batch["image_deepstack"]]
+                 if "image_deepstack" in batch else None)
+    return {**rest, "mm_encoder_outputs": {"image": _cached_features(embeds, deepstack)}}
+
+
+def _cached_features(embeds: tuple[torch.Tensor, ...], deepstack: list[tuple[torch.Tensor, ...]] | None) -> Any:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    embeds = torch.split(batch["image_embeds"], batch["image_embed_sizes"].tolist())
-    rest = {k: v for k, v in batch.items() if k not in ("image_embeds", "image_embed_sizes")}
     cached = BaseModelOutputWithPooling(pooler_output=embeds)  # type: ignore[arg-type]
-    return {**rest, "mm_encoder_outputs": {"image": cached}}
+    if deepstack is not None:
+        object.__setattr__(cached, "deepstack_features", deepstack)  # what Qwen3-VL reads beside pooler_output
+    return cached
+
+
+# ------------------------------------------------------------------------------------------------ mixed batches
+
+def _vision_in_lockstep(model: Any) -> bool:
+    """Whether every rank must run the vision encoder the same number of times (:func:`keep_vision_in_step`)."""
+    return bool(getattr(unwrap(model), "_r1vl_vision_lockstep", False))
+
+
+def _dummy_vision_features(inner: Any) -> torch.Tensor:
+    """The sum of everything the vision encoder outputs (merged features, deepstack features) for the smallest image
+    it takes (one merged token of zeros): a scalar that depends on every encoder parameter."""
+    visual = inner.visual
+    config = visual.config
+    merge = int(config.spatial_merge_size)
+    channels = int(getattr(config, "in_channels", getattr(config, "in_chans", 3)))
+    param = next(visual.parameters())
+    pixels = torch.zeros(merge * merge, channels * int(config.temporal_patch_size) * int(config.patch_size) ** 2,
+                         dtype=param.dtype, device=param.device)
+    out = visual(pixels, grid_thw=torch.tensor([[1, merge, merge]], device=param.device))
+    return sum((t.float().sum() for t in _tensors(out)), torch.zeros((), device=param.device))
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):  # ModelOutput too
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def keep_vision_in_step(model: Any) -> None:
+    """Under torchrun, a rank whose batch has no image (text-only rows) still runs the vision encoder once per
+    prefill forward, on a one-token dummy image whose features are added to the token embeddings times zero. Every
+    rank then runs the encoder the same number of times, at the same point of the model's forward: FSDP2's
+    all-gathers match (no hang), DDP reduces a zero gradient for the encoder, and no number changes. A forward that
+    continues a cache (decoding, the shared layout's completions) or takes cached embeddings runs no encoder on any
+    rank, and gets no dummy."""
+    inner = getattr(unwrap(model), "model", None)
+    if inner is None or getattr(inner, "visual", None) is None:
+        return
+    unwrap(model)._r1vl_vision_lockstep = True
+    pending: list[torch.Tensor] = []
+
+    def before(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        if kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None:
+            return
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None and cache.get_seq_length() > 0:
+            return
+        pending.append(_dummy_vision_features(module))
+
+    def after_embedding(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not pending:
+            return output
+        return output + 0.0 * pending.pop().to(output.dtype)
+
+    inner.register_forward_pre_hook(before, with_kwargs=True)
+    inner.get_input_embeddings().register_forward_hook(after_embedding)
 
 
 def lm_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -28,12 +28,15 @@ def _model(kind: str, tmp_path: Path) -> tuple[torch.nn.Module, Processing]:
         path = save_tiny_lm(tmp_path / "lm", seed=1)
         return load_model(str(path), device=torch.device("cpu"), dtype=torch.float32), Processing.from_pretrained(
             str(path))
-    processing = demo_processing(3136, 4 * 3136)
+    processing = demo_processing(3136, 4 * 3136, arch=kind)
     model = build_demo_model(processing, seed=1, arch=kind)
     return model.train(), processing
 
 
-def _prompts(processing: Processing) -> list:
+def _prompts(processing: Processing, mixed: bool = False) -> list:
+    """Prompts of different lengths; images of different sizes; ``mixed``: a text-only prompt among them."""
+    if mixed:
+        return [*_prompts(processing)[:2], processing.encode_prompt("What is 3 + 4, in one word?", None)]
     if not processing.multimodal:
         return [processing.encode_prompt(q, None) for q in ("What is 3 + 4?", "Name the shape with three sides, "
                                                             "please, in one word.")]
@@ -51,16 +54,24 @@ def _loss(model: torch.nn.Module, batch: dict, ids: torch.Tensor, mask: torch.Te
                             bias=bias)
 
 
-@pytest.mark.parametrize("kind, checkpointing", [("qwen2-vl", False), ("qwen2.5-vl", False), ("text", False),
-                                                  ("qwen2-vl", True), ("text", True)])
-def test_shared_prompts_give_the_repeated_layouts_log_probs_and_gradients(kind: str, checkpointing: bool,
+FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe"]
+
+
+@pytest.mark.parametrize("kind, checkpointing, mixed", [
+    *((kind, False, False) for kind in [*FAMILIES, "text"]),
+    *((kind, True, False) for kind in ("qwen2-vl", "qwen3-vl", "qwen3.5", "text")),
+    *((kind, False, True) for kind in ("qwen2-vl", "qwen3-vl", "qwen3.5")),
+])
+def test_shared_prompts_give_the_repeated_layouts_log_probs_and_gradients(kind: str, checkpointing: bool, mixed: bool,
                                                                          tmp_path: Path) -> None:
-    """With gradient checkpointing too: the shared layout's caches never grow, so a recompute sees what the
-    forward saw."""
+    """Every family: Qwen3-VL's deepstack features enter in the prompt pass; Qwen3.5's linear-attention layers
+    hand their convolution and recurrent states from the prompt to the G completions, and gradients flow back
+    through the forked states. With gradient checkpointing too (the shared layout's caches never change, so a
+    recompute sees what the forward saw), and with a text-only prompt among image prompts (``mixed``)."""
     model, processing = _model(kind, tmp_path)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    prompts = _prompts(processing)
+    prompts = _prompts(processing, mixed)
     g = torch.Generator().manual_seed(0)
     vocab = len(processing.tokenizer)
     lengths = torch.randint(1, 7, (len(prompts) * G,), generator=g).tolist()
@@ -142,10 +153,11 @@ def test_each_image_is_processed_once_per_run(tiny: dict[str, Path], tmp_path: P
     assert all(a == b == c for a, b, c in calls), calls
 
 
-@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5"])
 def test_frozen_vision_embeddings_are_computed_once_and_reused_exactly(kind: str, tmp_path: Path) -> None:
-    """--freeze_vision: the image embeddings of a batch, computed once, give every later pass the hidden states that
-    the pixels give, in both layouts, without running the vision encoder again."""
+    """--freeze_vision: the image embeddings of a batch (with Qwen3-VL's deepstack features), computed once, give
+    every later pass the hidden states that the pixels give, in both layouts, without running the vision encoder
+    again; the deepstack mergers are frozen with the rest of the encoder."""
     from r1vl_fast.modeling import embed_images, freeze_vision, vision_tower
 
     model, processing = _model(kind, tmp_path)
@@ -160,11 +172,15 @@ def test_frozen_vision_embeddings_are_computed_once_and_reused_exactly(kind: str
         want = completion_hidden(model, batch, 3)
         cached = embed_images(model, batch)
         assert "pixel_values" not in cached and len(calls) == 2  # the pixels' pass, then the one embedding
+        assert ("image_deepstack" in cached) == (kind == "qwen3-vl")  # one [tokens, H] feature per deepstack layer
         calls.clear()
         for _ in range(2):  # e.g. the old-policy pass, then the update
             torch.testing.assert_close(completion_hidden(model, cached, 3), want, rtol=1e-6, atol=1e-6)
         assert not calls
     assert not any(p.requires_grad for p in vision_tower(model).parameters())
+    if kind == "qwen3-vl":
+        mergers = [n for n, p in model.named_parameters() if "deepstack_merger" in n]
+        assert mergers and not any(p.requires_grad for n, p in model.named_parameters() if n in mergers)
 
 
 def test_the_trainer_with_a_frozen_vision_encoder(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ vLLM engine on CPU, where Qwen2-VL cannot run). Tests and benchmarks build their
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,55 +16,121 @@ from r1vl_fast.processing import Processing
 DEMO_TOKENIZER = Path(__file__).parent / "tokenizer"
 
 
-def demo_processing(min_pixels: int, max_pixels: int) -> Processing:
-    """The demo's tokenizer (shipped in the package) and a Qwen2-VL image processor."""
+def demo_processing(min_pixels: int, max_pixels: int, arch: str = "qwen2-vl") -> Processing:
+    """The demo's tokenizer (shipped in the package) and the image processor of ``arch``'s family: Qwen2-VL's
+    (14-pixel patches) or Qwen3-VL's and Qwen3.5's (16-pixel patches, mean and std 0.5)."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER))
-    return Processing(tokenizer, Qwen2VLImageProcessorPil(), min_pixels=min_pixels, max_pixels=max_pixels)
+    kwargs: dict[str, Any] = {}
+    if FAMILIES[_check_arch(arch)].patch_size == 16:
+        kwargs = dict(patch_size=16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Processing(tokenizer, Qwen2VLImageProcessorPil(**kwargs), min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-ARCHS = ("qwen2-vl", "qwen2.5-vl")
+@dataclass(frozen=True)
+class Family:
+    """A model family the trainer is tested on: its transformers class names and what sets it apart."""
+
+    model_type: str
+    patch_size: int = 14
+    moe: bool = False
+    linear_attention: bool = False  # hybrid layers: Gated DeltaNet beside full attention
+    deepstack: bool = False  # vision features added to the first decoder layers' hidden states
+
+
+# The families ``build_demo_model`` builds (``--demo_arch``), by the names users type.
+FAMILIES = {
+    "qwen2-vl": Family("qwen2_vl"),
+    "qwen2.5-vl": Family("qwen2_5_vl"),
+    "qwen3-vl": Family("qwen3_vl", patch_size=16, deepstack=True),
+    "qwen3-vl-moe": Family("qwen3_vl_moe", patch_size=16, moe=True, deepstack=True),
+    "qwen3.5": Family("qwen3_5", patch_size=16, linear_attention=True),
+    "qwen3.5-moe": Family("qwen3_5_moe", patch_size=16, moe=True, linear_attention=True),
+}
+ARCHS = tuple(FAMILIES)
+
+
+def _check_arch(arch: str) -> str:
+    if arch not in FAMILIES:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}; got {arch!r}")
+    return arch
 
 
 def build_demo_model(processing: Processing, seed: int, arch: str = "qwen2-vl") -> Any:
-    """A tiny vision-language model (random weights): text 2 layers × 128 wide (head_dim 64), vision 64 wide.
+    """A tiny vision-language model of family ``arch`` (random weights): text 2 layers × 128 wide (head_dim 64),
+    vision 64 wide. ``processing`` must come from ``demo_processing(..., arch=arch)`` (the patch size).
 
-    ``qwen2-vl`` (the demo's): one vision block. ``qwen2.5-vl``: what Qwen2.5-VL changes, at the same size: two
-    vision blocks, the first with window attention (28-pixel windows: a 56 × 56 image is four windows) and the
-    second full, an RMSNorm + SwiGLU vision tower, a merger to the text width (``out_hidden_size``)."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-    )
+    - ``qwen2-vl`` (the demo's): one vision block.
+    - ``qwen2.5-vl``: two vision blocks, the first with window attention (28-pixel windows: a 56 × 56 image is four
+      windows) and the second full, an RMSNorm + SwiGLU vision tower, a merger to the text width.
+    - ``qwen3-vl``: 16-pixel patches, learned vision positions, interleaved M-RoPE, and deepstack: the outputs of
+      both vision blocks, each through its own merger, are added to the image positions' hidden states after
+      decoder layers 0 and 1. ``qwen3-vl-moe``: its decoder MLPs are 4 experts, 2 per token.
+    - ``qwen3.5``: Qwen3-VL's vision tower without deepstack, and hybrid decoder layers: a Gated DeltaNet (linear
+      attention, with a convolution state and a recurrent state) then a gated full attention with partial rotary.
+      ``qwen3.5-moe``: 4 experts, 2 per token, and a shared expert."""
+    import transformers
 
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    family = FAMILIES[_check_arch(arch)]
+    if family.patch_size != processing.patch_size:
+        raise ValueError(f"{arch} takes {family.patch_size}-pixel patches; the processing given has "
+                         f"{processing.patch_size}: use demo_processing(..., arch={arch!r})")
     vocab = processing.tokenizer.get_vocab()
-    text = dict(
+    text: dict[str, Any] = dict(
         vocab_size=len(vocab), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
         bos_token_id=processing.pad_token_id, eos_token_id=processing.stop_token_ids[0],
         pad_token_id=processing.pad_token_id, tie_word_embeddings=True,
     )
-    special = _vision_special_tokens(processing)
-    torch.manual_seed(seed)
-    model: Any
-    vision: dict[str, Any]
+    vision: dict[str, Any] = dict(patch_size=family.patch_size, spatial_merge_size=2, temporal_patch_size=2)
     if arch == "qwen2-vl":
-        vision = dict(depth=1, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
-        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **special))
-    else:
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=28,
-                      fullatt_block_indexes=[1], tokens_per_second=2)
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
-                                                                    **special))
+        vision.update(depth=1, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2)
+    elif arch == "qwen2.5-vl":
+        vision.update(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                      window_size=28, fullatt_block_indexes=[1], tokens_per_second=2)
+    else:  # Qwen3-VL's vision tower, shared by Qwen3.5
+        vision.update(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                      num_position_embeddings=64)
+        text.update(head_dim=64)
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        if family.deepstack:
+            vision.update(deepstack_visual_indexes=[0, 1])
+    if family.linear_attention:
+        text.update(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                    linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+                    linear_num_value_heads=4)
+        text["rope_parameters"] = {**text["rope_parameters"], "partial_rotary_factor": 0.25,
+                                   "mrope_section": [2, 3, 3]}
+    if family.moe:
+        text.update(moe_intermediate_size=64, num_experts_per_tok=2, router_aux_loss_coef=0.001,
+                    output_router_logits=False)
+        if family.linear_attention:
+            text.update(num_experts=4, shared_expert_intermediate_size=64)
+        else:
+            text.update(num_local_experts=4, decoder_sparse_step=1)
+    config_cls = transformers.AutoConfig.for_model(family.model_type).__class__
+    config = config_cls(text_config=text, vision_config=vision, **_vision_special_tokens(processing))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    if family.linear_attention:
+        _init_decays(model)
     return _with_generation_tokens(model, processing)
+
+
+@torch.no_grad()
+def _init_decays(model: Any) -> None:
+    """Gated DeltaNet decays as Mamba-2 and flash-linear-attention initialise them, and as trained Qwen3.5 models
+    have them: a step size softplus(a + dt_bias) in [0.001, 0.1] (log-uniform) and A in [1, 16]. transformers'
+    random init (dt_bias = 1, so each token multiplies the state by about exp(-10)) forgets the prompt within a few
+    tokens, and leaves the decay parameters' gradients at the level of fp32 rounding."""
+    for module in model.modules():
+        if hasattr(module, "dt_bias") and hasattr(module, "A_log"):
+            n = module.dt_bias.numel()
+            dt = torch.exp(torch.rand(n) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+            module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
+            module.A_log.copy_(torch.log(torch.empty(n).uniform_(1, 16)))
 
 
 def _vision_special_tokens(processing: Processing) -> dict[str, Any]:
