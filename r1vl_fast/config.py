@@ -39,6 +39,10 @@ log = logging.getLogger("r1vl_fast")
 PRESET_NAMES = ("demo", "r1vl-2b", "r1vl-7b")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DEVICES = ("auto", "cuda", "cpu")
+# The families the demo can build (r1vl_fast.demo.models.FAMILIES); Qwen3-VL and Qwen3.5 take 16-pixel patches, so
+# the demo gives them 64 x 64 images (four image tokens, as Qwen2-VL's 56 x 56).
+DEMO_ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe")
+DEMO_PIXELS = {arch: 4096 if arch.startswith("qwen3") else 3136 for arch in DEMO_ARCHS}
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002
@@ -227,6 +231,8 @@ class GRPOTrainConfig(RunConfig):
     log_completions_steps: int = _opt(10, "Write sample completions to completions.jsonl every this many steps.")
     num_completions_to_log: int = _opt(4, "Completions written each time.")
     sft_steps: int = _opt(300, "Demo only: SFT warm-up steps before StepGRPO.")
+    demo_arch: str = _opt("qwen2-vl", "Demo only: the family of the tiny model it builds and trains (see the "
+                                      "README's table of families).", DEMO_ARCHS)
 
     def resolve(self) -> None:
         super().resolve()
@@ -480,6 +486,12 @@ def parse_config(cls: type[RunConfig], argv: list[str] | None, prog: str) -> Run
     if "sft_steps" in given and preset != "demo":
         raise ConfigError("--sft_steps sets the demo's SFT warm-up; for a real run, warm up with "
                           "python -m r1vl_fast.sft and pass its checkpoint as --model_name_or_path")
+    if "demo_arch" in given and preset != "demo":
+        raise ConfigError("--demo_arch picks the demo's tiny model; a real run takes its model from "
+                          "--model_name_or_path")
+    if preset == "demo" and cls is GRPOTrainConfig:
+        pixels = DEMO_PIXELS.get(values.get("demo_arch", "qwen2-vl"), 3136)
+        values.update({k: pixels for k in ("min_pixels", "max_pixels") if k not in given})
     config = cls(**values)
     config.validate()
     if isinstance(config, GRPOTrainConfig) and "kl_estimator" in given and config.beta == 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 from r1vl_fast.distributed import decoder_layers, unwrap
 from r1vl_fast.ops import linear_log_probs, selective_log_probs
 from r1vl_fast.processing import SHARED_KEY, is_multimodal
+
+log = logging.getLogger("r1vl_fast")
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -24,11 +27,18 @@ def attn_implementation(device: torch.device) -> str:
 
 
 def load_model(path: str, *, device: torch.device, dtype: torch.dtype, trainable: bool = True) -> Any:
-    """A vision-language model (Qwen2-VL, Qwen2.5-VL) or a causal LM, by its config."""
+    """A vision-language model (``AutoModelForImageTextToText``: Qwen2-VL through Qwen3.5, dense or MoE) or a causal
+    LM, by its config. An MoE model's router auxiliary loss is off: the StepGRPO loss is the paper's, and no router
+    logits are kept for it."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     cls = AutoModelForImageTextToText if is_multimodal(path) else AutoModelForCausalLM
     model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(device))
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "output_router_logits", False):
+            log.info("%s: the MoE router's auxiliary loss is off (output_router_logits set to False); the loss is "
+                     "StepGRPO's alone", path)
+            config.output_router_logits = False
     model = model.to(device)  # type: ignore[arg-type]
     model.train(trainable)
     if not trainable:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from r1vl_fast.config import DEMO_ARCHS
 from r1vl_fast.processing import Processing
 
 DEMO_TOKENIZER = Path(__file__).parent / "tokenizer"
@@ -49,6 +50,7 @@ FAMILIES = {
     "qwen3.5-moe": Family("qwen3_5_moe", patch_size=16, moe=True, linear_attention=True),
 }
 ARCHS = tuple(FAMILIES)
+assert ARCHS == DEMO_ARCHS, "r1vl_fast.config.DEMO_ARCHS lists the same families"
 
 
 def _check_arch(arch: str) -> str:

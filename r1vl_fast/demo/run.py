@@ -11,7 +11,7 @@ from pathlib import Path
 
 from r1vl_fast.checkpoint import latest_checkpoint
 from r1vl_fast.config import DEMO_DIRS, PRESETS, GRPOTrainConfig, SFTConfig
-from r1vl_fast.demo.models import build_demo_model, demo_processing
+from r1vl_fast.demo.models import FAMILIES, build_demo_model, demo_processing
 from r1vl_fast.demo.shapes import write_demo_data
 from r1vl_fast.distributed import World, barrier, init_world
 from r1vl_fast.errors import ConfigError
@@ -56,9 +56,13 @@ def _stages(config: GRPOTrainConfig, world: World, output_dir: Path, resuming: b
         if not (data / "eval.jsonl").is_file():
             write_demo_data(data, **DEMO_ROWS, seed=config.seed)
         if not (init / "config.json").is_file():
-            processing = demo_processing(config.min_pixels, config.max_pixels)
-            build_demo_model(processing, config.seed).save_pretrained(init)
+            processing = demo_processing(config.min_pixels, config.max_pixels, arch=config.demo_arch)
+            build_demo_model(processing, config.seed, arch=config.demo_arch).save_pretrained(init)
             processing.save_pretrained(init)
+        built = json.loads((init / "config.json").read_text())["model_type"]
+        if built != FAMILIES[config.demo_arch].model_type:
+            raise ConfigError(f"--demo_arch {config.demo_arch}: the demo in {output_dir} was started with a "
+                              f"{built} model; resume it without --demo_arch, or start a new demo")
     barrier(world)  # the other ranks read what rank 0 wrote
 
     sft_dir = output_dir / "sft"
@@ -68,6 +72,7 @@ def _stages(config: GRPOTrainConfig, world: World, output_dir: Path, resuming: b
         sft_config = SFTConfig(**{**PRESETS["demo"][SFTConfig], "preset": "demo", "model_name_or_path": str(init),
                                   "dataset": str(paths["sft"]), "output_dir": str(sft_dir),
                                   "max_steps": config.sft_steps, "seed": config.seed, "report_to": config.report_to,
+                                  "min_pixels": config.min_pixels, "max_pixels": config.max_pixels,
                                   "resume_from_checkpoint": "latest" if sft_done is not None else None,
                                   "overwrite_output_dir": True})
         sft_config.validate()
