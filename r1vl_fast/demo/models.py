@@ -112,7 +112,7 @@ def build_demo_model(processing: Processing, seed: int, arch: str = "qwen2-vl") 
             text.update(num_experts=4, shared_expert_intermediate_size=64)
         else:
             text.update(num_local_experts=4, decoder_sparse_step=1)
-    config_cls = transformers.AutoConfig.for_model(family.model_type).__class__
+    config_cls: Any = transformers.AutoConfig.for_model(family.model_type).__class__
     config = config_cls(text_config=text, vision_config=vision, **_vision_special_tokens(processing))
     torch.manual_seed(seed)
     model = transformers.AutoModelForImageTextToText.from_config(config)

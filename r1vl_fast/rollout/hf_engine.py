@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from r1vl_fast.distributed import is_fsdp
+from r1vl_fast.modeling import vision_before_generate
 from r1vl_fast.processing import Processing, PromptInputs, batch_inputs
 from r1vl_fast.rollout.engine import Rollouts, SamplingConfig, draw_seeds, finish
 
@@ -66,6 +67,7 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
+            vision_before_generate(self.model, batch)  # a rank without images keeps in step with those with
             out = self.model.generate(**batch, **kwargs)
         finally:
             self.model.train(was_training)
