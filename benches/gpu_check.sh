@@ -15,7 +15,11 @@
 # 5. three StepGRPO steps on a Qwen2-VL-2B-shaped model (random weights, depth cut);
 # 6. image sizing against the GPU image's AutoImageProcessor (with torchvision there, the fast processor: token
 #    counts must agree; pixel values are compared too, and a difference is reported, not hidden);
-# 7. $OUT/summary.json with every figure.
+# 7. the shared prompt against the repeated layout on the GPU (fp32, SDPA) for every family: log-probs, loss and
+#    every gradient within 1e-5 (tests/test_share_prompt.py with R1VL_TEST_DEVICE=cuda);
+# 8. three StepGRPO steps at Qwen3-VL-2B's widths (deepstack) and at a 2B-class Qwen3.5 (Gated DeltaNet), depth
+#    cut, shared prompt, bf16 (flash-attn where installed);
+# 9. $OUT/summary.json with every figure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_check}"
@@ -49,5 +53,11 @@ run linear_bench 240 "$PY" -m pytest -q -s -p no:cacheprovider benches/test_benc
   --benchmark-only --benchmark-json="$OUT/linear_bench.json"
 run train_step 240 "$PY" benches/gpu_step.py --out "$OUT/step"
 run sizing 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_image_sizing.py
+run share_parity 150 env R1VL_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_share_prompt.py \
+  -k shared_prompts_give
+run train_step_qwen3_vl 150 "$PY" benches/gpu_step.py --arch qwen3-vl --layers 4 --vision_depth 4 --prompts 4 \
+  --max_completion_length 128 --out "$OUT/step-qwen3-vl"
+run train_step_qwen3_5 150 "$PY" benches/gpu_step.py --arch qwen3.5 --layers 4 --vision_depth 4 --prompts 4 \
+  --max_completion_length 128 --out "$OUT/step-qwen3.5"
 "$PY" benches/gpu_summary.py "$OUT" >"$OUT/summary.json" && cat "$OUT/summary.json"
 exit $status

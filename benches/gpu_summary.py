@@ -36,9 +36,11 @@ def summarize(out: Path) -> dict[str, Any]:
     if linear.is_file():  # the LM head fused in: each path's median time and peak memory, per shape
         summary["linear_bench"] = {b["name"]: b.get("extra_info", {})
                                    for b in json.loads(linear.read_text())["benchmarks"]}
-    step = out / "step" / "summary.json"
-    if step.is_file():
-        summary["train_step"] = json.loads(step.read_text())
+    for key, folder in (("train_step", "step"), ("train_step_qwen3_vl", "step-qwen3-vl"),
+                        ("train_step_qwen3_5", "step-qwen3.5")):
+        step = out / folder / "summary.json"
+        if step.is_file():
+            summary[key] = json.loads(step.read_text())
     return summary
 
 

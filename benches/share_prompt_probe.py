@@ -3,6 +3,11 @@ prompt repeated G times or run once per group (``--share_prompt``), on CPU at Qw
 cut: text 2 layers of 1536 (vocabulary 151,936, tied head), vision 2 blocks of 1280.
 
     python benches/share_prompt_probe.py {shared|repeated} [--completion 256] [--pixels 400000] [--prompts 1]
+        [--arch qwen2-vl|qwen3-vl|qwen3.5]
+
+``--arch qwen3-vl``: Qwen3-VL-2B's widths, 2 decoder layers, 2 vision blocks with deepstack; ``--arch qwen3.5``: a
+2B-class Qwen3.5, 4 decoder layers (three Gated DeltaNet, one full attention), 2 vision blocks
+(``r1vl_fast.demo.models.build_qwen3_2b_width``).
 
 One image of about ``--pixels`` per prompt (~510 image tokens at 400k), a ~90-token question, G = 4 completions of
 ``--completion`` tokens. Prints one JSON line: FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on the
@@ -22,7 +27,7 @@ from loss_memory_probe import _resident  # this folder: run as a script
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from r1vl_fast.demo.models import build_qwen2_vl_2b_width, demo_processing
+from r1vl_fast.demo.models import build_qwen2_vl_2b_width, build_qwen3_2b_width, demo_processing
 from r1vl_fast.modeling import completion_hidden, lm_head
 from r1vl_fast.ops import GRPOConfig, linear_grpo_loss, linear_log_probs
 from r1vl_fast.processing import batch_inputs, shared_inputs
@@ -36,16 +41,21 @@ def main() -> None:
     parser.add_argument("--completion", type=int, default=256)
     parser.add_argument("--pixels", type=int, default=400_000)
     parser.add_argument("--prompts", type=int, default=1)
+    parser.add_argument("--arch", default="qwen2-vl", choices=("qwen2-vl", "qwen3-vl", "qwen3.5"))
     args = parser.parse_args()
-    processing = demo_processing(3136, args.pixels)
-    model = build_qwen2_vl_2b_width(processing, layers=2, vision_depth=2).train()
+    processing = demo_processing(3136, args.pixels, arch=args.arch)
+    if args.arch == "qwen2-vl":
+        model = build_qwen2_vl_2b_width(processing, layers=2, vision_depth=2).train()
+    else:
+        model = build_qwen3_2b_width(processing, args.arch, layers=4 if args.arch == "qwen3.5" else 2,
+                                     vision_depth=2).train()
     side = int(args.pixels**0.5)
     question = ("Look at the figure. How many triangles are there in total, counting those formed by the crossing "
                 "lines? Explain each step, then give the final answer. ") * 2
     prompts = [processing.encode_prompt(question, Image.new("RGB", (side, side), (40 * i, 90, 160)))
                for i in range(args.prompts)]
     g = torch.Generator().manual_seed(0)
-    responses = [torch.randint(100, 140_000, (args.completion,), generator=g).tolist()
+    responses = [torch.randint(100, 140_000, (args.completion,), generator=g).tolist()  # within every vocabulary
                  for _ in range(args.prompts * G)]
     ids = torch.tensor(responses)
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -89,7 +99,7 @@ def main() -> None:
     ref = reference()
     reference_s = time.perf_counter() - start
     prompt_tokens = len(prompts[0].input_ids)
-    print(json.dumps({"layout": args.layout, "prompt_tokens": prompt_tokens,
+    print(json.dumps({"layout": args.layout, "arch": args.arch, "prompt_tokens": prompt_tokens,
                       "image_tokens": int((torch.tensor(prompts[0].input_ids) == processing.image_token_id).sum()),
                       "completion_tokens": args.completion, "group": G, "prompts": args.prompts,
                       "update_TFLOP": flops / 1e12, "backbone_TFLOP": backbone_flops / 1e12,

@@ -3,7 +3,11 @@ layout): FLOPs counted on the same code path, wall time of the update and of the
 Qwen2-VL-2B's widths with the depth cut (2 text layers of 1536, 2 vision blocks of 1280, V = 151,936), one
 ~400k-pixel image per prompt, G = 4. The two layouts' log-probs are checked equal first.
 
-Shape: ``R1VL_SHARE_PROBE`` = ``COMPLETION_TOKENS,PIXELS`` (default ``256,400000``, the issue's CPU shape).
+The same at Qwen3-VL-2B's widths (2 text layers of 2048 with deepstack, 2 vision blocks of 1024, V = 151,936) and
+at a 2B-class Qwen3.5 (4 text layers: three Gated DeltaNet, one full attention; V = 248,320).
+
+Shape: ``R1VL_SHARE_PROBE`` = ``COMPLETION_TOKENS,PIXELS`` (default ``256,400000``, the issue's CPU shape);
+families: ``R1VL_SHARE_PROBE_ARCHS`` (default ``qwen2-vl,qwen3-vl,qwen3.5``).
 """
 
 from __future__ import annotations
@@ -21,21 +25,26 @@ if not Path("/proc/self/clear_refs").exists():
     pytest.skip("the memory probe reads Linux's /proc/self/status", allow_module_level=True)
 
 
-def _probe(layout: str, completion: int, pixels: int) -> dict:
+ARCHS = os.environ.get("R1VL_SHARE_PROBE_ARCHS", "qwen2-vl,qwen3-vl,qwen3.5").split(",")
+
+
+def _probe(layout: str, completion: int, pixels: int, arch: str) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, str(PROBE), layout, "--completion", str(completion), "--pixels",
-                          str(pixels)], capture_output=True, text=True, env=env, timeout=1800, cwd=PROBE.parent)
+                          str(pixels), "--arch", arch], capture_output=True, text=True, env=env, timeout=1800,
+                         cwd=PROBE.parent)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_shared_prompt_against_repeated_prompt(benchmark) -> None:
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prompt_against_repeated_prompt(benchmark, arch: str) -> None:
     completion, pixels = (int(v) for v in os.environ.get("R1VL_SHARE_PROBE", "256,400000").split(","))
-    shared, repeated = _probe("shared", completion, pixels), _probe("repeated", completion, pixels)
+    shared, repeated = _probe("shared", completion, pixels, arch), _probe("repeated", completion, pixels, arch)
     assert shared["logp_sum"] == pytest.approx(repeated["logp_sum"], rel=1e-5)
     assert shared["ref_logp_sum"] == pytest.approx(repeated["ref_logp_sum"], rel=1e-5)
-    print(f"\nprompt {shared['prompt_tokens']} tokens ({shared['image_tokens']} image), G = 4 x {completion} "
-          f"completion tokens, CPU:")
+    print(f"\n{arch}: prompt {shared['prompt_tokens']} tokens ({shared['image_tokens']} image), G = 4 x "
+          f"{completion} completion tokens, CPU:")
     for key in ("update_TFLOP", "backbone_TFLOP", "update_seconds", "reference_seconds", "update_peak_extra_MB"):
         print(f"  {key:22} repeated {repeated[key]:9.3f}  shared {shared[key]:9.3f}  "
               f"({repeated[key] / shared[key]:.2f}x)")

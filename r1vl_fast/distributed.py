@@ -113,13 +113,9 @@ def vision_blocks(model: Any) -> list[torch.nn.Module]:
 def wrap(model: Any, world: World, *, fsdp: bool, param_dtype: torch.dtype, trainable: bool = True) -> Any:
     """FSDP2 (``fully_shard`` per decoder layer, per vision block, the rest of the vision encoder, then the root) or
     DDP for a trainable model; the model unchanged at world size 1 (and a frozen model under DDP: a plain replica).
-    Under either, a rank whose batch has no image still runs the vision encoder in step with the others
-    (:func:`r1vl_fast.modeling.keep_vision_in_step`)."""
+    The trainer wraps through :func:`r1vl_fast.modeling.wrap_model`, which also keeps the vision encoder in step."""
     if world.size == 1 or (not fsdp and not trainable):
         return model
-    from r1vl_fast.modeling import keep_vision_in_step
-
-    keep_vision_in_step(model)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -22,7 +22,15 @@ import torch
 from r1vl_fast.config import GRPOTrainConfig
 from r1vl_fast.data import Sample
 from r1vl_fast.distributed import World, all_sum, reduce_metrics, unwrap
-from r1vl_fast.modeling import completion_hidden, completion_log_probs, completion_logits, embed_images, lm_head
+from r1vl_fast.modeling import (
+    completion_hidden,
+    completion_log_probs,
+    completion_logits,
+    embed_images,
+    fused_head_refusal,
+    lm_head,
+    shared_layout_refusal,
+)
 from r1vl_fast.ops import grpo_loss, importance_weights, linear_grpo_loss
 from r1vl_fast.optim import TrainerBase
 from r1vl_fast.processing import Processing, PromptCache, PromptInputs, batch_inputs, shared_inputs
@@ -57,16 +65,33 @@ class RolloutBatch:
         return cls(**{**state, "rewards": RewardBreakdown(**state["rewards"])})
 
 
-def share_prompt_here(config: GRPOTrainConfig, world: World | None) -> bool:
-    """Whether this run shares each prompt over its group (``--share_prompt``); the shared layout runs on the fused
-    LM head, and says once when ``--fused_lm_head false`` turns it off. (Checked with gradient checkpointing, and
-    under torchrun: 2 DDP or FSDP2 ranks take one rank's steps.)"""
-    if config.share_prompt and not config.fused_lm_head:
+def fused_head_here(config: GRPOTrainConfig, world: World | None, model: Any = None) -> bool:
+    """Whether this run fuses the LM head into the loss and the log-prob passes (``--fused_lm_head``): it steps aside,
+    saying why once, for a model whose logits are not its head's plain linear output."""
+    reason = fused_head_refusal(model) if config.fused_lm_head and model is not None else None
+    if reason is not None:
         if world is None or world.main:
-            log.warning("--share_prompt: each prompt is repeated G times instead of run once, because of "
-                        "--fused_lm_head false")
+            log.warning("--fused_lm_head: the logits are formed by the model instead, because %s", reason)
         return False
-    return config.share_prompt
+    return config.fused_lm_head
+
+
+def share_prompt_here(config: GRPOTrainConfig, world: World | None, model: Any = None,
+                      fused_head: bool | None = None) -> bool:
+    """Whether this run shares each prompt over its group (``--share_prompt``); the shared layout runs on the fused
+    LM head, for the families it is tested exact on, and says once why it falls back to repeating each prompt G
+    times. (Checked with gradient checkpointing, and under torchrun: 2 DDP or FSDP2 ranks take one rank's steps.)"""
+    if not config.share_prompt:
+        return False
+    fused = config.fused_lm_head if fused_head is None else fused_head
+    reason = None if fused else "the LM head is not fused (--fused_lm_head false, or the model's head refuses it)"
+    if reason is None and model is not None:
+        reason = shared_layout_refusal(model)
+    if reason is not None:
+        if world is None or world.main:
+            log.warning("--share_prompt: each prompt is repeated G times instead of run once, because %s", reason)
+        return False
+    return True
 
 
 class StepGRPOTrainer(TrainerBase):
@@ -82,7 +107,8 @@ class StepGRPOTrainer(TrainerBase):
                                        max_new_tokens=config.max_completion_length)
         self.loss_config = config.loss_config()  # the loss settings, built once
         self.impl = config.loss_impl
-        self.share_prompt = share_prompt_here(config, self.world)
+        self.fused_head = fused_head_here(config, self.world, policy)
+        self.share_prompt = share_prompt_here(config, self.world, policy, self.fused_head)
         # rollouts and training share one processing of each image; past 1 GiB, entries wait on disk
         spill = Path(config.output_dir) / "prompt_cache" if config.output_dir is not None else None
         self.prompts = PromptCache(processing, spill_dir=spill)
@@ -137,7 +163,7 @@ class StepGRPOTrainer(TrainerBase):
         correct = rollouts.logprobs is not None and c.vllm_importance_sampling_correction
         if c.num_iterations > 1 or correct:
             old_logp = completion_log_probs(self.policy, inputs, ids, self.loss_config.temperature, self.impl,
-                                            fused_lm_head=c.fused_lm_head)
+                                            fused_lm_head=self.fused_head)
         if correct:
             assert rollouts.logprobs is not None and old_logp is not None
             is_weights, stats = importance_weights(old_logp, rollouts.logprobs.to(self.device), mask,
@@ -147,7 +173,7 @@ class StepGRPOTrainer(TrainerBase):
                 old_logp = None  # on-policy ratio, as without correction
         if self.reference is not None:
             ref_logp = completion_log_probs(self.reference, inputs, ids, self.loss_config.temperature, self.impl,
-                                            fused_lm_head=c.fused_lm_head)
+                                            fused_lm_head=self.fused_head)
         times["time/logprobs"] += time.perf_counter() - start
         return RolloutBatch(completion_sample_ids, inputs, ids, mask, rollouts.texts, rewards, None,
                             old_logp, ref_logp, rollouts.finish_reasons, is_weights, stats)
@@ -165,7 +191,7 @@ class StepGRPOTrainer(TrainerBase):
         token_sums = {"kl": zero, "clip_ratio": zero, "clip_ratio/low": zero, "clip_ratio/high": zero}
         for mb in buffer:
             rewards = torch.from_numpy(mb.rewards.total).to(self.device, torch.float32)
-            if self.config.fused_lm_head:  # the LM head inside the loss: no [B, T, V] logits
+            if self.fused_head:  # the LM head inside the loss: no [B, T, V] logits
                 hidden = completion_hidden(self.policy, mb.inputs, mb.completion_ids.shape[1])
                 weight, bias = lm_head(self.policy)  # after the forward: FSDP2 holds it gathered (see lm_head)
                 loss, m = linear_grpo_loss(hidden, weight, mb.completion_ids, mb.completion_mask,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from r1vl_fast.distributed import decoder_layers, unwrap
+from r1vl_fast.distributed import World, decoder_layers, unwrap, wrap
 from r1vl_fast.ops import linear_log_probs, selective_log_probs
 from r1vl_fast.processing import SHARED_KEY, is_multimodal
 
@@ -338,6 +338,15 @@ def vision_before_generate(model: Any, batch: dict[str, torch.Tensor]) -> None:
             _dummy_vision_features(inner)
 
 
+def wrap_model(model: Any, world: World, *, fsdp: bool, param_dtype: torch.dtype, trainable: bool = True) -> Any:
+    """:func:`r1vl_fast.distributed.wrap` (DDP or FSDP2), and under torchrun a vision encoder kept in step across
+    ranks whose batches differ in images (:func:`keep_vision_in_step`)."""
+    wrapped = wrap(model, world, fsdp=fsdp, param_dtype=param_dtype, trainable=trainable)
+    if wrapped is not model or fsdp and world.size > 1:
+        keep_vision_in_step(wrapped)
+    return wrapped
+
+
 def keep_vision_in_step(model: Any) -> None:
     """Under torchrun, a rank whose batch has no image (text-only rows) still runs the vision encoder once per
     prefill forward, on a one-token dummy image whose features are added to the token embeddings times zero. Every
@@ -371,6 +380,43 @@ def keep_vision_in_step(model: Any) -> None:
 
     inner.register_forward_pre_hook(before, with_kwargs=True)
     inner.get_input_embeddings().register_forward_hook(after_embedding)
+
+
+# ------------------------------------------------------------------------------------------------ speed paths
+
+# The vision-language families whose shared layout (``--share_prompt``) is tested exact: their rotary positions,
+# caches (Qwen3.5's linear-attention states) and vision features (Qwen3-VL's deepstack) are the ones handled above.
+SHARED_LAYOUT_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
+def shared_layout_refusal(model: Any) -> str | None:
+    """Why the shared layout cannot run this model exactly, or None when it can: the Qwen-VL families above, and
+    text-only LMs whose layers are all full attention. Another image-text model (Gemma 3, InternVL, LLaVA-OneVision,
+    GLM-4.1V, ...) has its own positions, image masks or caches; the trainer runs it in the repeated layout."""
+    config = unwrap(model).config
+    if getattr(config, "vision_config", None) is None:  # a text-only LM
+        kinds = set(getattr(config.get_text_config(), "layer_types", None) or ["full_attention"])
+        if kinds <= {"full_attention"}:
+            return None
+        return f"its layers are {sorted(kinds)}, and the shared layout is tested on full-attention text LMs only"
+    if config.model_type in SHARED_LAYOUT_FAMILIES:
+        return None
+    return (f"{config.model_type} is not one of the families the shared layout is tested exact on "
+            f"({', '.join(SHARED_LAYOUT_FAMILIES)})")
+
+
+def fused_head_refusal(model: Any) -> str | None:
+    """Why the LM head cannot be fused into the loss exactly, or None: it must be a plain linear layer whose output
+    is the logits (no soft-capping, no scaling)."""
+    head = unwrap(model).get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"its output layer is a {type(head).__name__}, not a plain linear one"
+    text = unwrap(model).config.get_text_config()
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        value = getattr(text, name, None)
+        if value not in (None, 1, 1.0):
+            return f"it transforms its logits after the linear layer ({name} = {value})"
+    return None
 
 
 def lm_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from r1vl_fast.config import GRPOTrainConfig, SFTConfig
 from r1vl_fast.data import load_rl_dataset, load_sft_dataset
-from r1vl_fast.distributed import barrier, is_fsdp, unwrap, wrap
+from r1vl_fast.distributed import barrier, is_fsdp, unwrap
 from r1vl_fast.grpo_trainer import StepGRPOTrainer
 from r1vl_fast.heldout import evaluate_checkpoint, evaluate_run, load_held_out
-from r1vl_fast.modeling import load_model
+from r1vl_fast.modeling import load_model, wrap_model
 from r1vl_fast.rewards.step_rewards import StepRewards
 from r1vl_fast.rollout import make_engine
 from r1vl_fast.runner import Run, load_policy, run_loop, seed_everything, start_run
@@ -84,7 +84,7 @@ def _grpo(config: GRPOTrainConfig, run: Run) -> Path:
     reference = None
     if config.beta > 0:  # the frozen initial policy
         reference = load_model(config.model_name_or_path, device=device, dtype=dtype, trainable=False)
-        reference = wrap(reference, world, fsdp=config.fsdp, param_dtype=dtype, trainable=False)
+        reference = wrap_model(reference, world, fsdp=config.fsdp, param_dtype=dtype, trainable=False)
     rewards = StepRewards([s.solution for s in samples], [s.key_steps for s in samples],
                           preset=config.reward_preset, alpha=config.step_rar_alpha,  # type: ignore[arg-type]
                           where=[s.where for s in samples])

@@ -46,6 +46,13 @@ def family(request: pytest.FixtureRequest, tiny: dict[str, Path],
     return {"arch": arch, "pixels": pixels, "init": root / "init", "sft": run_sft(sft), "sft_dir": root / "sft"}
 
 
+def test_the_demo_offers_every_family() -> None:
+    from r1vl_fast.config import DEMO_ARCHS, DEMO_PIXELS
+
+    assert tuple(FAMILIES) == DEMO_ARCHS and set(DEMO_PIXELS) == set(FAMILIES)
+    assert set(NEW_FAMILIES) < set(FAMILIES)
+
+
 def test_sft_lowers_the_loss_and_the_checkpoint_reloads_with_the_auto_class(family: dict) -> None:
     from transformers import AutoModelForImageTextToText
 
@@ -144,3 +151,45 @@ def test_two_ranks_take_one_ranks_steps_on_mixed_image_and_text_batches(tiny: di
     assert any(m["grad_norm"] > 0 for m in runs["one"])
     _close(runs["ddp"], runs["one"])
     _close(runs["fsdp"], runs["one"])
+
+
+def test_another_image_text_model_runs_the_repeated_layout_and_says_why(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A family outside the tested ones (a tiny Gemma 3, loaded by AutoModelForImageTextToText) makes --share_prompt
+    step aside with one logged line, not a crash; a head that soft-caps its logits (a tiny Gemma 2) makes
+    --fused_lm_head step aside, and the log-probs the trainer then reads are the model's own."""
+    import logging
+
+    from transformers import AutoModelForImageTextToText, Gemma2Config, Gemma2ForCausalLM, Gemma3Config
+
+    from r1vl_fast.config import GRPOTrainConfig
+    from r1vl_fast.grpo_trainer import fused_head_here, share_prompt_here
+    from r1vl_fast.modeling import completion_log_probs, fused_head_refusal, shared_layout_refusal
+
+    small = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32)
+    gemma3 = AutoModelForImageTextToText.from_config(Gemma3Config(
+        text_config=small, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=1))
+    config = GRPOTrainConfig(model_name_or_path="x", dataset="x")
+    assert "gemma3 is not one of the families" in (shared_layout_refusal(gemma3) or "")
+    assert fused_head_refusal(gemma3) is None  # a plain linear head: it keeps the fused head
+    with caplog.at_level(logging.WARNING, logger="r1vl_fast"):
+        assert share_prompt_here(config, None, gemma3, fused_head_here(config, None, gemma3)) is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "--share_prompt: each prompt is repeated G times instead of run once, because gemma3 is not one of the "
+        "families the shared layout is tested exact on (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, "
+        "qwen3_5_moe)"]
+
+    torch.manual_seed(0)
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=30.0)).eval()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="r1vl_fast"):
+        fused = fused_head_here(config, None, gemma2)
+    assert fused is False and "final_logit_softcapping = 30.0" in caplog.records[0].getMessage()
+    ids = torch.randint(0, 256, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    logp = completion_log_probs(gemma2, batch, ids[:, -5:], temperature=1.0, impl="torch", fused_lm_head=fused)
+    want = gemma2(**batch).logits[:, -6:-1].float().log_softmax(-1).gather(-1, ids[:, -5:, None])[..., 0]
+    torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-5)

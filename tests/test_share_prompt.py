@@ -6,6 +6,7 @@ gradient; and the trainer takes the same steps with it (old and reference log-pr
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from r1vl_fast.processing import Processing, batch_inputs, shared_inputs
 from r1vl_fast.recipes import run_grpo
 
 G = 3
+# benches/gpu_check.sh runs the layout-parity test on the GPU too (fp32, SDPA): R1VL_TEST_DEVICE=cuda.
+DEVICE = torch.device(os.environ.get("R1VL_TEST_DEVICE", "cpu"))
 
 
 def _model(kind: str, tmp_path: Path) -> tuple[torch.nn.Module, Processing]:
@@ -49,7 +52,7 @@ def _prompts(processing: Processing, mixed: bool = False) -> list:
 def _loss(model: torch.nn.Module, batch: dict, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
     hidden = completion_hidden(model, batch, ids.shape[1])
     weight, bias = lm_head(model)
-    rewards = torch.linspace(0, 1, ids.shape[0])
+    rewards = torch.linspace(0, 1, ids.shape[0], device=ids.device)
     return linear_grpo_loss(hidden, weight, ids, mask, config=GRPOConfig(beta=0.0, group_size=G), rewards=rewards,
                             bias=bias)
 
@@ -69,6 +72,7 @@ def test_shared_prompts_give_the_repeated_layouts_log_probs_and_gradients(kind: 
     through the forked states. With gradient checkpointing too (the shared layout's caches never change, so a
     recompute sees what the forward saw), and with a text-only prompt among image prompts (``mixed``)."""
     model, processing = _model(kind, tmp_path)
+    model.to(DEVICE)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prompts = _prompts(processing, mixed)
@@ -84,8 +88,9 @@ def test_shared_prompts_give_the_repeated_layouts_log_probs_and_gradients(kind: 
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = True
 
-    repeated = batch_inputs(processing, [p for p in prompts for _ in range(G)], responses)
-    shared = shared_inputs(processing, prompts, responses, G)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    repeated = batch_inputs(processing, [p for p in prompts for _ in range(G)], responses, device=DEVICE)
+    shared = shared_inputs(processing, prompts, responses, G, device=DEVICE)
     assert shared["input_ids"].shape[0] == len(prompts)  # the prompts (and images) once
     results = []
     for batch in (repeated, shared):

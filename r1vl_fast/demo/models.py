@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from r1vl_fast.config import DEMO_ARCHS
 from r1vl_fast.processing import Processing
 
 DEMO_TOKENIZER = Path(__file__).parent / "tokenizer"
@@ -40,7 +39,8 @@ class Family:
     deepstack: bool = False  # vision features added to the first decoder layers' hidden states
 
 
-# The families ``build_demo_model`` builds (``--demo_arch``), by the names users type.
+# The families ``build_demo_model`` builds (``--demo_arch``), by the names users type (r1vl_fast.config.DEMO_ARCHS
+# lists the same names, for --help; tests/test_families.py checks that they agree).
 FAMILIES = {
     "qwen2-vl": Family("qwen2_vl"),
     "qwen2.5-vl": Family("qwen2_5_vl"),
@@ -50,7 +50,6 @@ FAMILIES = {
     "qwen3.5-moe": Family("qwen3_5_moe", patch_size=16, moe=True, linear_attention=True),
 }
 ARCHS = tuple(FAMILIES)
-assert ARCHS == DEMO_ARCHS, "r1vl_fast.config.DEMO_ARCHS lists the same families"
 
 
 def _check_arch(arch: str) -> str:
@@ -72,7 +71,6 @@ def build_demo_model(processing: Processing, seed: int, arch: str = "qwen2-vl") 
     - ``qwen3.5``: Qwen3-VL's vision tower without deepstack, and hybrid decoder layers: a Gated DeltaNet (linear
       attention, with a convolution state and a recurrent state) then a gated full attention with partial rotary.
       ``qwen3.5-moe``: 4 experts, 2 per token, and a shared expert."""
-    import transformers
 
     family = FAMILIES[_check_arch(arch)]
     if family.patch_size != processing.patch_size:
@@ -112,6 +110,13 @@ def build_demo_model(processing: Processing, seed: int, arch: str = "qwen2-vl") 
             text.update(num_experts=4, shared_expert_intermediate_size=64)
         else:
             text.update(num_local_experts=4, decoder_sparse_step=1)
+    return _build(family, text, vision, processing, seed)
+
+
+def _build(family: Family, text: dict[str, Any], vision: dict[str, Any], processing: Processing, seed: int) -> Any:
+    """The family's model from its own config class, with random weights drawn from ``seed``."""
+    import transformers
+
     config_cls: Any = transformers.AutoConfig.for_model(family.model_type).__class__
     config = config_cls(text_config=text, vision_config=vision, **_vision_special_tokens(processing))
     torch.manual_seed(seed)
@@ -191,6 +196,48 @@ def build_qwen2_vl_2b_width(processing: Processing, layers: int = 2, vision_dept
     )
     torch.manual_seed(seed)
     return _with_generation_tokens(Qwen2VLForConditionalGeneration(config), processing)
+
+
+QWEN3_VL_VOCAB, QWEN3_5_VOCAB = 151_936, 248_320
+
+
+def build_qwen3_2b_width(processing: Processing, arch: str = "qwen3-vl", layers: int = 2, vision_depth: int = 2,
+                         seed: int = 0) -> Any:
+    """A Qwen3-VL or Qwen3.5 at 2B widths with random weights, depth cut (``layers``, ``vision_depth``), for benchmarks
+    (``processing`` from ``demo_processing(..., arch=arch)``: 16-pixel patches).
+
+    - ``qwen3-vl``: Qwen3-VL-2B's widths: text hidden 2048, 16 heads / 8 KV heads of 128, MLP 6144, vocabulary
+      151,936 (tied), interleaved M-RoPE [24, 20, 20]; vision 1024 wide, 16 heads, MLP 4096, merged to 2048, with a
+      deepstack merger after each of the first three vision blocks (Qwen3-VL-2B's sit after blocks 5, 11, 17 of 24).
+    - ``qwen3.5``: a 2B-class Qwen3.5 shape of ours (no small Qwen3.5 config was at hand offline): text hidden 2048,
+      MLP 6144, vocabulary 248,320 (tied); layers in Qwen3.5's pattern, three Gated DeltaNet layers (16 key and 16
+      value heads of 128, convolution 4) then one gated full attention (8 heads / 2 KV heads of 256, a quarter of
+      each head rotated); the same vision tower, without deepstack."""
+
+    family = FAMILIES[_check_arch(arch)]
+    if arch not in ("qwen3-vl", "qwen3.5"):
+        raise ValueError(f"arch must be qwen3-vl or qwen3.5, got {arch!r}")
+    text: dict[str, Any] = dict(
+        hidden_size=2048, intermediate_size=6144, num_hidden_layers=layers, max_position_embeddings=32768,
+        bos_token_id=processing.pad_token_id, eos_token_id=processing.stop_token_ids[0],
+        pad_token_id=processing.pad_token_id, tie_word_embeddings=True,
+    )
+    vision: dict[str, Any] = dict(depth=vision_depth, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                                  out_hidden_size=2048, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                                  num_position_embeddings=2304)
+    if arch == "qwen3-vl":
+        text.update(vocab_size=QWEN3_VL_VOCAB, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                    rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                     "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+        vision.update(deepstack_visual_indexes=list(range(min(3, vision_depth))))
+    else:
+        text.update(vocab_size=QWEN3_5_VOCAB, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+                    layer_types=[("full_attention" if i % 4 == 3 else "linear_attention") for i in range(layers)],
+                    linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                    linear_num_key_heads=16, linear_num_value_heads=16,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
+                                     "mrope_section": [11, 11, 10], "mrope_interleaved": True})
+    return _build(family, text, vision, processing, seed)
 
 
 def save_tiny_lm(path: str | Path, *, hidden_size: int = 128, intermediate_size: int = 256, layers: int = 2,
