@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import inspect
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -78,8 +79,8 @@ def shared_completion_hidden(model: Any, batch: dict[str, torch.Tensor], complet
     prompt = {k: v for k, v in batch.items() if not k.startswith("completion_") and k != "group_size"}
     with _checkpoint_with_cache(model):
         recorded = _RecordingCache(model)
-        first = model(**_model_inputs(prompt), past_key_values=recorded, use_cache=True, logits_to_keep=1,
-                      output_hidden_states=True)
+        first = model(**_model_inputs(prompt), **{_cache_argument(model): recorded}, use_cache=True,
+                      logits_to_keep=1, output_hidden_states=True)
         last_prompt = first.hidden_states[-1][:, -1:].repeat_interleave(group, dim=0)
         steps = completion_length - 1  # the last completion token predicts past the end: not run
         if steps <= 0:
@@ -106,8 +107,29 @@ def _completions(model: Any, batch: dict[str, torch.Tensor], prompt: dict[str, t
             width = prompt["input_ids"].shape[1]
             positions = (width + torch.arange(steps, device=ids.device)).expand(prompt["input_ids"].shape[0], -1)
         extra["position_ids"] = positions.repeat_interleave(group, dim=0)[None].expand(3, -1, -1)
-    return model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                 output_hidden_states=True, **extra)
+    return model(input_ids=ids, attention_mask=mask, **{_cache_argument(model): cache}, use_cache=True,
+                 logits_to_keep=1, output_hidden_states=True, **extra)
+
+
+def _cache_argument(model: Any) -> str:
+    """The name a model's forward takes its cache by: ``past_key_values`` up to transformers 5.19, ``cache`` in 5.2x
+    (where the old name is deprecated)."""
+    return _forward_cache_argument(type(unwrap(model)))  # type: ignore[arg-type]
+
+
+@functools.cache
+def _forward_cache_argument(cls: type) -> str:
+    forward: Any = getattr(cls, "forward")  # noqa: B009 (a model class's forward)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer, by transformers' current name for it
+    (``activation_checkpointing_enable`` in 5.2x, ``gradient_checkpointing_enable`` before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @functools.cache
@@ -364,7 +386,7 @@ def keep_vision_in_step(model: Any) -> None:
     def before(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         if kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None:
             return
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = next((kwargs[k] for k in ("past_key_values", "cache") if kwargs.get(k) is not None), None)
         if cache is not None and cache.get_seq_length() > 0:
             return
         if not logged:

@@ -27,7 +27,7 @@ from r1vl_fast.checkpoint import STATE_FILE, load_state, resolve_checkpoint, sav
 from r1vl_fast.config import RunConfig, to_dict
 from r1vl_fast.distributed import World, all_sum, barrier, full_model_state, init_world, on_main, unwrap
 from r1vl_fast.errors import ConfigError, NonFiniteError, Stopped
-from r1vl_fast.modeling import freeze_vision, load_model, wrap_model
+from r1vl_fast.modeling import enable_gradient_checkpointing, freeze_vision, load_model, wrap_model
 from r1vl_fast.processing import Processing
 from r1vl_fast.resume import check_fits, run_record
 from r1vl_fast.tracking import RunLog
@@ -198,7 +198,7 @@ def load_policy(run: Run, config: RunConfig) -> Any:
     if getattr(config, "freeze_vision", False):  # before DDP / FSDP2 see which parameters train
         freeze_vision(policy)
     if config.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(policy)
     return wrap_model(policy, run.world, fsdp=config.fsdp, param_dtype=run.dtype)
 
 

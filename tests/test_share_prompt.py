@@ -16,7 +16,7 @@ from test_trainer import TIME_KEYS, _config
 from test_trainer import _args as trainer_args
 
 from r1vl_fast.demo.models import build_demo_model, demo_processing, save_tiny_lm
-from r1vl_fast.modeling import completion_hidden, lm_head, load_model
+from r1vl_fast.modeling import completion_hidden, enable_gradient_checkpointing, lm_head, load_model
 from r1vl_fast.ops import GRPOConfig, linear_grpo_loss
 from r1vl_fast.processing import Processing, batch_inputs, shared_inputs
 from r1vl_fast.recipes import run_grpo
@@ -74,7 +74,7 @@ def test_shared_prompts_give_the_repeated_layouts_log_probs_and_gradients(kind: 
     model, processing = _model(kind, tmp_path)
     model.to(DEVICE)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     prompts = _prompts(processing, mixed)
     g = torch.Generator().manual_seed(0)
     vocab = len(processing.tokenizer)
