@@ -53,8 +53,11 @@ def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa:
 class RunConfig:
     """Options shared by ``r1vl_fast.train`` and ``r1vl_fast.sft``."""
 
-    model_name_or_path: str | None = _opt(None, "Model to train: a HF hub id or a save_pretrained directory "
-                                               "(Qwen2-VL, Qwen2.5-VL, or a causal LM for text datasets). "
+    model_name_or_path: str | None = _opt(None, "Model to train: a HF hub id or a save_pretrained directory. "
+                                               "Tested families, every path (SFT, StepGRPO, shared prompt, fused "
+                                               "head, frozen vision, checkpointing, DDP/FSDP2): Qwen2-VL, "
+                                               "Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and "
+                                               "causal LMs for text datasets (README: Models). "
                                                "Unset with no --dataset: the built-in demo.")
     dataset: str | None = _opt(None, "Training data: a JSON array or JSONL file, a parquet file or folder, a folder "
                                      "written by datasets' save_to_disk, or a Hugging Face hub name org/name.")
@@ -231,8 +234,9 @@ class GRPOTrainConfig(RunConfig):
     log_completions_steps: int = _opt(10, "Write sample completions to completions.jsonl every this many steps.")
     num_completions_to_log: int = _opt(4, "Completions written each time.")
     sft_steps: int = _opt(300, "Demo only: SFT warm-up steps before StepGRPO.")
-    demo_arch: str = _opt("qwen2-vl", "Demo only: the family of the tiny model it builds and trains (see the "
-                                      "README's table of families).", DEMO_ARCHS)
+    demo_arch: str = _opt("qwen2-vl", "Demo only: the family of the tiny model it builds and trains: qwen2-vl, "
+                                      "qwen2.5-vl, qwen3-vl, qwen3-vl-moe (MoE), qwen3.5 (Gated DeltaNet + "
+                                      "attention), qwen3.5-moe.", DEMO_ARCHS)
 
     def resolve(self) -> None:
         super().resolve()
