@@ -464,7 +464,7 @@ def load_rl_dataset(
         image_key = columns.key("image", row)
         value = row.data.get(image_key) if isinstance(row.data, dict) else None
         image, size, tokens = _image(row, image_key, value, root, processing)
-        length = len(processing.prompt_ids(problem, tokens))
+        length = len(processing.prompt_ids(problem, tokens, size))
         if length > max_prompt_length:
             raise TooLongError(f"{row.where()}: prompt is {length} tokens (image tokens included) > "
                                f"max_prompt_length {max_prompt_length}; prompts are never cut")
@@ -512,7 +512,7 @@ def load_sft_dataset(
             image_key = columns.key("image", row)
         image, size, tokens = _image(row, image_key, data.get(image_key), root, processing)
         response_tokens = len(processing.encode_response(response))
-        length = len(processing.prompt_ids(prompt, tokens)) + response_tokens
+        length = len(processing.prompt_ids(prompt, tokens, size)) + response_tokens
         if length > max_length:
             raise TooLongError(f"{row.where()}: sequence is {length} tokens > max_length {max_length}")
         return SFTSample(prompt, response, image, row.where(), length, size, tokens or 0, response_tokens)

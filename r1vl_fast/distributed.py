@@ -105,9 +105,15 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
 
 
 def vision_blocks(model: Any) -> list[torch.nn.Module]:
-    """The transformer blocks of a vision-language model's vision encoder (Qwen2-VL through Qwen3.5: ``blocks``)."""
-    visual = getattr(getattr(model, "model", model), "visual", None)
-    return list(getattr(visual, "blocks", None) or [])
+    """The transformer blocks of a vision-language model's vision encoder (Qwen2-VL through Qwen3.5: ``blocks``;
+    a SigLIP or CLIP tower, as Gemma 3's and LLaVA's: ``vision_model.encoder.layers``)."""
+    inner = getattr(model, "model", model)
+    visual = getattr(inner, "visual", None)
+    if visual is not None:
+        return list(getattr(visual, "blocks", None) or [])
+    tower = getattr(inner, "vision_tower", None)
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    return list(getattr(encoder, "layers", None) or [])
 
 
 def wrap(model: Any, world: World, *, fsdp: bool, param_dtype: torch.dtype, trainable: bool = True) -> Any:
@@ -122,9 +128,11 @@ def wrap(model: Any, world: World, *, fsdp: bool, param_dtype: torch.dtype, trai
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for layer in decoder_layers(model) + vision_blocks(model):
             fully_shard(layer, mp_policy=policy)
-        visual = getattr(getattr(model, "model", model), "visual", None)
-        if visual is not None:
-            fully_shard(visual, mp_policy=policy)
+        inner = getattr(model, "model", model)
+        visual = getattr(inner, "visual", None)
+        for part in (getattr(inner, name, None) for name in ("visual", "vision_tower", "multi_modal_projector")):
+            if isinstance(part, torch.nn.Module):
+                fully_shard(part, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         # FSDP2 initialises from the first forward through the root. generate() reaches the vision tower before
         # the root forward, so run one tiny forward through the root now, on every rank.

@@ -253,13 +253,28 @@ def vision_tower(model: Any) -> Any | None:
     return getattr(getattr(unwrap(model), "model", None), "visual", None)
 
 
+# Where another image-text family keeps its vision encoder and the projector into the text width.
+VISION_PARTS = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "mm_projector")
+
+
+def vision_modules(model: Any) -> list[torch.nn.Module]:
+    """Every module of the vision side: Qwen's ``visual`` (encoder, merger, deepstack mergers), or another family's
+    encoder and projector (Gemma 3 and LLaVA: ``vision_tower`` and ``multi_modal_projector``)."""
+    return _vision_parts(getattr(unwrap(model), "model", None))
+
+
+def _vision_parts(inner: Any) -> list[torch.nn.Module]:
+    return [m for m in (getattr(inner, name, None) for name in VISION_PARTS) if isinstance(m, torch.nn.Module)]
+
+
 def freeze_vision(model: Any) -> None:
-    """``--freeze_vision``: the vision encoder, its merger and Qwen3-VL's deepstack mergers (all inside ``visual``)
-    keep their weights (EasyR1's freeze_vision_tower)."""
-    visual = vision_tower(model)
-    if visual is None:
+    """``--freeze_vision``: the vision encoder, its merger and Qwen3-VL's deepstack mergers (all inside ``visual``),
+    or another family's encoder and projector, keep their weights (EasyR1's freeze_vision_tower)."""
+    parts = vision_modules(model)
+    if not parts:
         raise ValueError("--freeze_vision: the model has no vision encoder")
-    visual.requires_grad_(False)
+    for part in parts:
+        part.requires_grad_(False)
 
 
 CACHED_KEYS = ("image_embeds", "image_embed_sizes", "image_deepstack", "vision_cached")
@@ -272,10 +287,12 @@ def embed_images(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.
     later pass over the batch (policy, old policy, reference: a frozen encoder is the same in all three). Exact: the
     model takes them as ``mm_encoder_outputs``. A batch without images is marked ``vision_cached`` too, so that no
     later pass runs the encoder on any rank (:func:`keep_vision_in_step`)."""
+    if vision_tower(model) is None:  # another family: its encoder runs in each pass, as unfrozen (the same numbers)
+        return batch
     out = {k: v for k, v in batch.items() if k != "pixel_values"}
     out["vision_cached"] = torch.tensor(True)
     if "pixel_values" not in batch:
-        if vision_tower(model) is not None and _vision_in_lockstep(model):
+        if _vision_in_lockstep(model):
             _dummy_vision_features(unwrap(model).model)  # the ranks with images run the encoder here too
         return out
     inner = unwrap(model).model
@@ -322,8 +339,17 @@ def _vision_in_lockstep(model: Any) -> bool:
 
 def _dummy_vision_features(inner: Any) -> torch.Tensor:
     """The sum of everything the vision encoder outputs (merged features, deepstack features) for the smallest image
-    it takes (one merged token of zeros): a scalar that depends on every encoder parameter."""
-    visual = inner.visual
+    it takes (one merged token of zeros; another family's fixed-size image of zeros): a scalar that depends on every
+    encoder parameter."""
+    visual = getattr(inner, "visual", None)
+    if visual is None:
+        config = inner.config.vision_config
+        param = next(_vision_parts(inner)[0].parameters())
+        size = int(config.image_size)
+        pixels = torch.zeros(1, int(getattr(config, "num_channels", 3)), size, size, dtype=param.dtype,
+                             device=param.device)
+        out = inner.get_image_features(pixel_values=pixels, return_dict=True)
+        return sum((t.float().sum() for t in _tensors(out)), torch.zeros((), device=param.device))
     config = visual.config
     merge = int(config.spatial_merge_size)
     channels = int(getattr(config, "in_channels", getattr(config, "in_chans", 3)))
@@ -377,7 +403,13 @@ def keep_vision_in_step(model: Any) -> None:
     continues a cache (decoding, the shared layout's completions) or takes cached embeddings runs no encoder on any
     rank, and gets no dummy."""
     inner = getattr(unwrap(model), "model", None)
-    if inner is None or getattr(inner, "visual", None) is None:
+    if inner is None or not vision_modules(model):
+        return
+    if getattr(inner, "visual", None) is None and not (
+            hasattr(inner, "get_image_features") and hasattr(getattr(inner.config, "vision_config", None),
+                                                             "image_size")):
+        log.warning("%s: its vision encoder is not kept in step across ranks (no fixed image size to run a dummy "
+                    "at); under torchrun every rank's batch must hold images", type(inner).__name__)
         return
     unwrap(model)._r1vl_vision_lockstep = True
     pending: list[torch.Tensor] = []
@@ -390,7 +422,7 @@ def keep_vision_in_step(model: Any) -> None:
         if cache is not None and cache.get_seq_length() > 0:
             return
         if not logged:
-            log.info("a batch without images on this rank: the vision encoder runs on a one-token dummy image, in "
+            log.info("a batch without images on this rank: the vision encoder runs on a dummy image, in "
                      "step with the other ranks (logged once)")
             logged.append(True)
         pending.append(_dummy_vision_features(module))

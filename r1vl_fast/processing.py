@@ -1,6 +1,10 @@
 """Turns a problem (and its image) into model inputs: the chat prompt, the resized image's pixel patches, and
 as many ``<|image_pad|>`` tokens as the vision encoder will emit for it.
 
+Another image-text model (Gemma 3, LLaVA, InternVL, ...) is processed by its own processor (``AutoProcessor``):
+its chat template, its image placeholders, its pixel inputs and its token-type ids, whatever they are; the Qwen-VL
+families below take the path described next.
+
 Images are resized once, by the Hugging Face image processor itself, from the original image with the run's pixel
 budget (Qwen2-VL's rule: sides multiples of patch × merge, area within min/max pixels). The same original image and
 budget go to a vLLM engine, whose processor applies the same rule, so training, rollouts and inference under
@@ -16,7 +20,7 @@ import io
 import json
 import shutil
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,14 @@ from PIL import Image
 # Processor files a vLLM engine (and AutoProcessor) reads beside the model; carried into every checkpoint.
 PROCESSOR_FILES = ("processor_config.json", "chat_template.json", "video_preprocessor_config.json")
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# End-of-turn tokens, the first present being what ends a response (Qwen's, Gemma's, Llama 3's, Phi's), then EOS.
+STOP_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 # The pixel budget of a resized image (R1-VL's, and Qwen2-VL's processor's): 56 × 56 up to 400k pixels.
 MIN_PIXELS, MAX_PIXELS = 3136, 400000
+# The families processed by the Qwen2-VL image processor's rule and ``<|image_pad|>`` expansion below.
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# What a processor returns besides the image inputs: the token ids and masks, rebuilt per batch.
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
 def is_multimodal(path: str) -> bool:
@@ -43,13 +52,15 @@ def is_multimodal(path: str) -> bool:
 class PromptInputs:
     """One tokenised prompt; ``pixel_values`` [patches, C·T·P·P], ``image_grid_thw`` [1, 3] and the original RGB
     ``image`` (what a vLLM engine is given, with the same budget) when it has one; ``source`` names the sample in
-    errors."""
+    errors. Another family's processor may return more image inputs (``image_sizes``, ...): ``image_inputs``,
+    each concatenated over a batch's images like ``pixel_values``."""
 
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     image: Image.Image | None = None
     source: str = ""
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class EmbeddedImage:
@@ -105,13 +116,24 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 class Processing:
-    """Tokenizer + (for vision-language models) Qwen2-VL image processor, with a fixed pixel budget."""
+    """Tokenizer + (for vision-language models) Qwen2-VL image processor, with a fixed pixel budget; or, for another
+    image-text family, its own ``processor`` (``AutoProcessor``) and the config's ``image_token_id``, which size
+    images by their own rule (the pixel budget does not apply)."""
 
-    def __init__(self, tokenizer: Any, image_processor: Any | None, *, min_pixels: int, max_pixels: int) -> None:
+    def __init__(self, tokenizer: Any, image_processor: Any | None, *, min_pixels: int, max_pixels: int,
+                 processor: Any | None = None, image_token_id: int | None = None) -> None:
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        self.processor = processor
+        self.image_processor = processor.image_processor if processor is not None else image_processor
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        if image_processor is not None:
+        # The key of the image-position ids the model takes (Qwen's mm_token_type_ids, Gemma 3's token_type_ids).
+        self.type_ids_key: str | None = "mm_token_type_ids"
+        if processor is not None:
+            if image_token_id is None:
+                raise ValueError("another family's processor needs the config's image_token_id")
+            names = list(getattr(processor, "model_input_names", ()))
+            self.type_ids_key = next((k for k in ("token_type_ids", "mm_token_type_ids") if k in names), None)
+        elif image_processor is not None:
             image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
             for attr in ("min_pixels", "max_pixels"):
                 if hasattr(image_processor, attr):
@@ -119,8 +141,13 @@ class Processing:
             self.patch_size = int(image_processor.patch_size)
             self.merge_size = int(image_processor.merge_size)
         vocab = tokenizer.get_vocab()
-        self.image_token_id = vocab.get("<|image_pad|>")
-        self.vision_token_ids = [vocab[t] for t in VISION_TOKENS if t in vocab]
+        if processor is None:
+            self.image_token_id = vocab.get("<|image_pad|>")
+            self.vision_token_ids = [vocab[t] for t in VISION_TOKENS if t in vocab]
+        else:  # the image token and the boundaries around it, where the tokenizer names them
+            self.image_token_id = image_token_id
+            named = [getattr(tokenizer, a, None) for a in ("boi_token", "eoi_token", "image_token", "video_token")]
+            self.vision_token_ids = list(dict.fromkeys([image_token_id, *(vocab[t] for t in named if t in vocab)]))
         stops = [vocab[t] for t in STOP_TOKENS if t in vocab]
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
             stops.insert(0, tokenizer.eos_token_id)
@@ -134,6 +161,11 @@ class Processing:
     def multimodal(self) -> bool:
         return self.image_processor is not None
 
+    @property
+    def own_processor(self) -> bool:
+        """Whether images go through another family's own processor (not the Qwen-VL rule)."""
+        return self.processor is not None
+
     @classmethod
     def from_pretrained(cls, path: str, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                         multimodal: bool | None = None) -> Processing:
@@ -141,10 +173,16 @@ class Processing:
         defaults to what the model's config says."""
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = None
         if multimodal is None:
             multimodal = is_multimodal(path)
+        if multimodal:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path)
+            if config.model_type not in QWEN_VL_TYPES:
+                return cls._own(path, config, min_pixels=min_pixels, max_pixels=max_pixels)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = None
         if multimodal:
             # The PIL processor needs no torchvision (absent beside the CPU torch build); same arithmetic.
             from transformers import Qwen2VLImageProcessorPil
@@ -162,7 +200,26 @@ class Processing:
         processing.source = Path(path) if Path(path).is_dir() else None
         return processing
 
+    @classmethod
+    def _own(cls, path: str, config: Any, *, min_pixels: int, max_pixels: int) -> Processing:
+        """Another image-text family: its ``AutoProcessor`` (image processor, tokenizer, chat template)."""
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path)
+        token = next((getattr(config, k) for k in ("image_token_id", "image_token_index")
+                      if getattr(config, k, None) is not None), None)
+        if token is None or getattr(processor, "image_processor", None) is None:
+            raise ValueError(f"{path}: a {config.model_type} model, whose config names no image token or whose "
+                             "processor has no image processor")
+        processing = cls(processor.tokenizer, None, min_pixels=min_pixels, max_pixels=max_pixels,
+                         processor=processor, image_token_id=int(token))
+        processing.source = Path(path) if Path(path).is_dir() else None
+        return processing
+
     def save_pretrained(self, path: str | Path) -> None:
+        if self.processor is not None:
+            self.processor.save_pretrained(path)
+            return
         self.tokenizer.save_pretrained(path)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(path)
@@ -183,13 +240,17 @@ class Processing:
         return w, h
 
     def image_token_count(self, width: int, height: int) -> int:
+        if self.processor is not None:  # the processor's own count
+            count = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+            return int(count.num_image_tokens[0])
         w, h = self.resized_size(width, height)
         return (w // self.patch_size) * (h // self.patch_size) // (self.merge_size**2)
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
         """The image as the processor and a vLLM engine take it: RGB, at its own size (the processor resizes it,
         once); one the rule refuses is a ValueError that names its size."""
-        self.resized_size(*image.size)
+        if self.processor is None:
+            self.resized_size(*image.size)
         return image.convert("RGB")
 
     # ------------------------------------------------------------------------------------------------ text
@@ -199,17 +260,26 @@ class Processing:
             return [{"role": "user", "content": problem}]
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem}]}]
 
-    def prompt_ids(self, problem: str, image_tokens: int | None) -> list[int]:
-        """Token ids of the chat prompt, each image placeholder expanded to ``image_tokens`` pad tokens."""
+    def chat_text(self, problem: str, has_image: bool) -> str:
+        """The prompt through the chat template (the processor's, for another family), the assistant's turn open."""
+        messages = self._messages(problem, has_image)
+        owner = self.processor if self.processor is not None and self.processor.chat_template else self.tokenizer
+        if owner.chat_template:
+            return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return problem
+
+    def prompt_ids(self, problem: str, image_tokens: int | None,
+                   image_size: tuple[int, int] | None = None) -> list[int]:
+        """Token ids of the chat prompt, each image placeholder expanded to ``image_tokens`` pad tokens; for another
+        family, as its processor expands them for an image of ``image_size`` (width, height): a blank one."""
         has_image = image_tokens is not None
         if has_image and not self.multimodal:
             raise ValueError("a row has an image but the model is text-only")
-        messages = self._messages(problem, has_image)
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = problem
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if has_image and self.processor is not None:
+            if image_size is None:
+                raise ValueError("another family's prompt length needs the image's size")
+            return self.encode_prompt(problem, Image.new("RGB", image_size)).input_ids
+        ids = self.tokenizer(self.chat_text(problem, has_image), add_special_tokens=False).input_ids
         if image_tokens is not None:
             at = ids.index(self.image_token_id)
             ids = ids[:at] + [self.image_token_id] * image_tokens + ids[at + 1:]
@@ -221,6 +291,11 @@ class Processing:
         if self.image_processor is None:
             raise ValueError("a row has an image but the model is text-only")
         image = self.prepare_image(image)
+        if self.processor is not None:  # the family's own placeholders and image inputs
+            out = self.processor(text=[self.chat_text(problem, True)], images=[[image]], return_tensors="pt",
+                                 add_special_tokens=False)
+            extra = {k: v for k, v in out.items() if k not in TEXT_KEYS and k != "pixel_values"}
+            return PromptInputs(out["input_ids"][0].tolist(), out["pixel_values"], None, image, image_inputs=extra)
         out = self.image_processor(images=[image], return_tensors="pt")  # resized once, here, by HF's rule
         grid = out["image_grid_thw"]
         tokens = int(grid.prod()) // (self.merge_size**2)
@@ -260,8 +335,13 @@ def batch_inputs(
         grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels).to(device)
-            batch["image_grid_thw"] = torch.cat(grids).to(device)
-        batch["mm_token_type_ids"] = (batch["input_ids"] == processing.image_token_id).to(torch.int32)
+            if grids:
+                batch["image_grid_thw"] = torch.cat(grids).to(device)
+            for key in dict.fromkeys(k for p in prompts for k in p.image_inputs):
+                batch[key] = torch.cat([p.image_inputs[key] for p in prompts if key in p.image_inputs]).to(device)
+        if processing.type_ids_key is not None:
+            batch[processing.type_ids_key] = (batch["input_ids"] == processing.image_token_id).to(
+                torch.int32 if processing.type_ids_key == "mm_token_type_ids" else torch.long)
     return batch
 
 
@@ -346,7 +426,7 @@ class PromptCache:
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         path = self.spill_dir / f"{key}.pt"
         torch.save({"input_ids": torch.tensor(inputs.input_ids), "pixel_values": inputs.pixel_values,
-                    "image_grid_thw": inputs.image_grid_thw,
+                    "image_grid_thw": inputs.image_grid_thw, "image_inputs": inputs.image_inputs,
                     "image": torch.from_numpy(np.asarray(inputs.image.convert("RGB")).copy())}, path)
         return path
 
@@ -354,4 +434,4 @@ class PromptCache:
     def _load(path: Path) -> PromptInputs:
         saved = torch.load(path, mmap=True, weights_only=True)
         return PromptInputs(saved["input_ids"].tolist(), saved["pixel_values"], saved["image_grid_thw"],
-                            Image.fromarray(saved["image"].numpy()))
+                            Image.fromarray(saved["image"].numpy()), image_inputs=saved.get("image_inputs", {}))

@@ -124,19 +124,24 @@ def test_two_ranks_take_one_ranks_steps_on_mixed_image_and_text_batches(tiny: di
     """Two ranks (gloo) under DDP and FSDP2 reproduce one rank with the same global batch while some ranks' batches
     hold no image: every rank runs the vision encoder in step (no hang), the figures are one rank's. The vision
     encoder trains here (not frozen), so DDP reduces its gradient and FSDP2 gathers it on every rank."""
-    from test_distributed import _close, _free_port
-
     if family["arch"] not in ("qwen3-vl", "qwen3.5"):
         pytest.skip("the dense families stand for their MoE twins here (same vision tower, same wrap policy)")
+    _two_ranks_take_one_ranks_steps(tiny, family["sft"], tmp_path, ("ddp", "fsdp"), pixels=family["pixels"])
+
+
+def _two_ranks_take_one_ranks_steps(tiny: dict[str, Path], model: Path, tmp_path: Path, modes: tuple[str, ...],
+                                    pixels: int = 3136) -> None:
+    from test_distributed import _close, _free_port
+
     data = _mixed_dataset(tiny, tmp_path / "mixed.jsonl", seed=7)
     runs = {}
-    for name, ranks in (("one", 1), ("ddp", 2), ("fsdp", 2)):
+    for name, ranks in (("one", 1), *((mode, 2) for mode in modes)):
         out = tmp_path / name
-        args = ["--model_name_or_path", str(family["sft"]), "--dataset", str(data), "--output_dir", str(out),
+        args = ["--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(out),
                 "--max_steps", "2", "--save_steps", "2", "--num_generations", "4",
                 "--per_device_train_batch_size", str(4 // ranks), "--gradient_accumulation_steps", "1",
-                "--max_completion_length", "64", "--max_prompt_length", "64", "--min_pixels", str(family["pixels"]),
-                "--max_pixels", str(family["pixels"]), "--temperature", "1.0", "--learning_rate", "2e-4",
+                "--max_completion_length", "64", "--max_prompt_length", "64", "--min_pixels", str(pixels),
+                "--max_pixels", str(pixels), "--temperature", "1.0", "--learning_rate", "2e-4",
                 "--beta", "0.04", "--device", "cpu", "--report_to", "none", "--rollout_engine", "hf", "--seed", "7",
                 *(["--fsdp"] if name == "fsdp" else [])]
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -149,8 +154,8 @@ def test_two_ranks_take_one_ranks_steps_on_mixed_image_and_text_batches(tiny: di
         if ranks == 2:  # a rank without images ran the encoder on a dummy
             assert "a batch without images on this rank" in proc.stderr
     assert any(m["grad_norm"] > 0 for m in runs["one"])
-    _close(runs["ddp"], runs["one"])
-    _close(runs["fsdp"], runs["one"])
+    for mode in modes:
+        _close(runs[mode], runs["one"])
 
 
 def test_another_image_text_model_runs_the_repeated_layout_and_says_why(tmp_path: Path,
@@ -193,3 +198,83 @@ def test_another_image_text_model_runs_the_repeated_layout_and_says_why(tmp_path
     logp = completion_log_probs(gemma2, batch, ids[:, -5:], temperature=1.0, impl="torch", fused_lm_head=fused)
     want = gemma2(**batch).logits[:, -6:-1].float().log_softmax(-1).gather(-1, ids[:, -5:, None])[..., 0]
     torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gemma3(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Gemma 3 with its own processor (``init``), after 100 SFT steps on the demo data (``sft``)."""
+    from r1vl_fast.demo.models import save_tiny_gemma3
+
+    root = tmp_path_factory.mktemp("gemma3")
+    init = save_tiny_gemma3(root / "init")
+    sft = SFTConfig(**{**PRESETS["demo"][SFTConfig], "model_name_or_path": str(init), "dataset": str(tiny["sft"]),
+                       "output_dir": str(root / "sft"), "max_steps": 100, "save_steps": 100, "report_to": "none",
+                       "gradient_checkpointing": True})
+    return {"init": init, "sft": run_sft(sft), "sft_dir": root / "sft"}
+
+
+def test_another_image_text_family_end_to_end(tiny: dict[str, Path], gemma3: dict[str, Path], tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A tiny Gemma 3 (an image-text family outside the Qwen-VL ones) through the trainer's plain path, end to end:
+    its own processor (AutoProcessor: its chat template, its <start_of_image> expanded to its image tokens, its
+    fixed-size pixel inputs and token-type ids); SFT lowers the loss and the checkpoint reloads with the Auto classes;
+    StepGRPO with --share_prompt asked for (it steps aside, logged once), the fused head (a plain linear head),
+    gradient checkpointing and a frozen vision tower and projector, resumed exactly; the eval CLI."""
+    import logging
+
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from r1vl_fast.processing import Processing
+
+    processing = Processing.from_pretrained(str(gemma3["init"]))
+    assert processing.own_processor and processing.type_ids_key == "token_type_ids"
+    image = Image.new("RGB", (70, 50), (200, 30, 30))
+    prompt = processing.encode_prompt("How many shapes?", image)
+    assert prompt.input_ids.count(processing.image_token_id) == processing.image_token_count(70, 50) == 4
+    assert processing.prompt_ids("How many shapes?", 4, (70, 50)) == prompt.input_ids  # what validation counts
+    assert tuple(prompt.pixel_values.shape) == (1, 3, 32, 32)  # Gemma 3's processor's own size
+    assert processing.stop_token_ids[0] == processing.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = gemma3["sft"]
+    rows = _steps(gemma3["sft_dir"] / "metrics.jsonl")
+    assert sum(r["loss"] for r in rows[-5:]) < 0.7 * sum(r["loss"] for r in rows[:5])
+    assert AutoModelForImageTextToText.from_pretrained(model).config.model_type == "gemma3"
+    assert type(AutoProcessor.from_pretrained(model)).__name__ == "Gemma3Processor"
+
+    def args(out: Path, **extra: object) -> list[str]:
+        return trainer_args(tiny, out, model_name_or_path=model, max_steps=3, save_steps=1, share_prompt="true",
+                            fused_lm_head="true", gradient_checkpointing="true", freeze_vision="true",
+                            eval_dataset=tiny["eval"], num_generations=4, **extra)
+
+    straight = tmp_path / "straight"
+    with caplog.at_level(logging.INFO, logger="r1vl_fast"):
+        assert train_main(args(straight)) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--share_prompt")]
+    assert len(said) == 1 and "gemma3 is not one of the families" in said[0]
+    rows = _steps(straight / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["completion_length"] > 0 for r in rows)
+    assert any(r["grad_norm"] > 0 for r in rows) and rows[2]["kl"] > 0
+    assert set(json.loads((straight / "eval.json").read_text())) == {"before", "after"}
+
+    resumed = tmp_path / "resumed"
+    assert train_main(args(resumed, resume_from_checkpoint=straight / "checkpoint-1")) == 0
+    assert _steps(resumed / "metrics.jsonl") == rows[1:]
+
+    before, after = (load_file(str(p / "model.safetensors")) for p in (Path(model), straight / "checkpoint-3"))
+    vision = [k for k in before if "vision_tower" in k or "multi_modal_projector" in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)  # frozen, the projector too
+    assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
+
+    bench = tmp_path / "bench"
+    assert eval_main(["--model_name_or_path", str(straight / "checkpoint-3"), "--dataset", str(tiny["eval"]),
+                      "--output_dir", str(bench), "--max_new_tokens", "64", "--rollout_engine", "hf"]) == 0
+    summary = json.loads((bench / "summary.json").read_text())
+    assert summary["n"] == 8 and 0 <= summary["accuracy"] <= 1 and summary["mean_completion_length"] > 0
+
+
+def test_another_family_under_torchrun_on_mixed_image_and_text_batches(tiny: dict[str, Path], gemma3: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """The tiny Gemma 3 on 2 FSDP2 ranks (gloo) takes one rank's steps while one rank's batch holds no image: that
+    rank runs the SigLIP tower on a blank image of its fixed size, in step with the other (no hang)."""
+    _two_ranks_take_one_ranks_steps(tiny, gemma3["sft"], tmp_path, ("fsdp",))

@@ -240,6 +240,39 @@ def build_qwen3_2b_width(processing: Processing, arch: str = "qwen3-vl", layers:
     return _build(family, text, vision, processing, seed)
 
 
+def save_tiny_gemma3(path: str | Path, *, seed: int = 0) -> Path:
+    """A tiny Gemma 3 (random weights) with its own processor, saved to ``path``: an image-text family outside the
+    Qwen-VL ones, for the trainer's plain path (its own processor, the repeated layout). The demo tokenizer gains
+    Gemma 3's image tokens (``<start_of_image>``, ``<image_soft_token>``, ``<end_of_image>``) and a chat template
+    that places ``<start_of_image>`` where an image goes; Gemma 3's image processor resizes every image to 32 × 32;
+    a SigLIP tower (1 layer, 32 wide, 8-pixel patches) pooled to 4 image tokens; text 2 layers × 128 wide (sliding
+    then full attention), tied head."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_TOKENIZER), extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    template = tokenizer.chat_template.replace("<|vision_start|><|image_pad|><|vision_end|>", "<start_of_image>")
+    processor = Gemma3Processor(Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer,
+                                chat_template=template, image_seq_length=4)
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"], pad_token_id=tokenizer.pad_token_id,
+                         max_position_embeddings=4096),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        mm_tokens_per_image=4, boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = tokenizer.pad_token_id, stops
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return Path(path)
+
+
 def save_tiny_lm(path: str | Path, *, hidden_size: int = 128, intermediate_size: int = 256, layers: int = 2,
                  heads: int = 2, kv_heads: int = 1, max_position_embeddings: int = 32768,
                  seed: int = 0) -> Path:

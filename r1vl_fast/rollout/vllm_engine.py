@@ -62,9 +62,10 @@ class VLLMRolloutEngine:
             # under torchrun: one engine per rank inside the existing process group (TP = 1 each)
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if processing.multimodal:
-            kwargs.update(limit_mm_per_prompt={"image": 1},
-                          mm_processor_kwargs={"min_pixels": processing.min_pixels,
-                                               "max_pixels": processing.max_pixels})
+            kwargs.update(limit_mm_per_prompt={"image": 1})
+            if not processing.own_processor:  # the Qwen-VL pixel budget; another family sizes images its own way
+                kwargs.update(mm_processor_kwargs={"min_pixels": processing.min_pixels,
+                                                   "max_pixels": processing.max_pixels})
         threads = torch.get_num_threads()
         self.llm: Any = LLM(**kwargs)
         torch.set_num_threads(threads)  # vLLM's CPU backend lowers the process's torch threads for serving
