@@ -42,13 +42,15 @@ def main() -> None:
     parser.add_argument("--pixels", type=int, default=400_000)
     parser.add_argument("--prompts", type=int, default=1)
     parser.add_argument("--arch", default="qwen2-vl", choices=("qwen2-vl", "qwen3-vl", "qwen3.5"))
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers (depth cut); default 2, and 4 for qwen3.5 (its 3 + 1 pattern)")
     args = parser.parse_args()
     processing = demo_processing(3136, args.pixels, arch=args.arch)
     if args.arch == "qwen2-vl":
         model = build_qwen2_vl_2b_width(processing, layers=2, vision_depth=2).train()
     else:
-        model = build_qwen3_2b_width(processing, args.arch, layers=4 if args.arch == "qwen3.5" else 2,
-                                     vision_depth=2).train()
+        layers = args.layers or (4 if args.arch == "qwen3.5" else 2)
+        model = build_qwen3_2b_width(processing, args.arch, layers=layers, vision_depth=2).train()
     side = int(args.pixels**0.5)
     question = ("Look at the figure. How many triangles are there in total, counting those formed by the crossing "
                 "lines? Explain each step, then give the final answer. ") * 2

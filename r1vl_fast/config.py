@@ -215,6 +215,15 @@ class GRPOTrainConfig(RunConfig):
                                      "[B, T, V] logits tensor (false: materialise the logits, as TRL does).")
     share_prompt: bool = _opt(True, "Run each prompt (and its image) once for its G completions, which attend to "
                                     "its keys and values, instead of repeating it G times: exact, and cheaper.")
+    max_tokens_per_micro_batch: int = _opt(0, "Token budget of one update micro-batch: whole groups (a prompt and "
+                                              "its G completions), counting the tokens the pass computes (the "
+                                              "prompt once per group with --share_prompt, completions padded to "
+                                              "the micro-batch's longest). 0: the most one micro-batch of "
+                                              "per_device_train_batch_size prompts could take (longest prompt and "
+                                              "completions), so memory never exceeds that; config.json records "
+                                              "the value.")
+    max_tokens_per_forward: int = _opt(0, "Token budget of the no-grad passes (old policy, reference), which keep no "
+                                          "activations: 0 = 4 x --max_tokens_per_micro_batch.")
     freeze_vision: bool = _opt(False, "Keep the vision encoder frozen (EasyR1's freeze_vision_tower); its image "
                                       "embeddings are then computed once per rollout batch and reused by every "
                                       "pass.")
@@ -250,6 +259,16 @@ class GRPOTrainConfig(RunConfig):
             self.rollout_engine = resolve_engine("auto", self.device)
         if self.vllm_sleep_mode is None:
             self.vllm_sleep_mode = default_sleep_mode(self.device)
+        if not self.max_tokens_per_micro_batch:
+            self.max_tokens_per_micro_batch = self.default_token_budget(self.share_prompt)
+        if not self.max_tokens_per_forward:
+            self.max_tokens_per_forward = 4 * self.max_tokens_per_micro_batch
+
+    def default_token_budget(self, shared: bool) -> int:
+        """The tokens one micro-batch of per_device_train_batch_size prompts computes at the longest prompt and
+        completions: each prompt once (shared layout) or G times, plus G completions each."""
+        G, P = self.num_generations, self.per_device_train_batch_size
+        return P * ((1 if shared else G) * self.max_prompt_length + G * self.max_completion_length)
 
     def loss_config(self) -> GRPOConfig:
         """The GRPO loss settings of this run (built once by the trainer)."""
@@ -273,6 +292,9 @@ class GRPOTrainConfig(RunConfig):
         for name in ("max_prompt_length", "max_completion_length", "num_iterations", "log_completions_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_tokens_per_micro_batch", "max_tokens_per_forward"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0 (0: the default budget), got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if self.logprob_temperature is not None and not self.logprob_temperature > 0:

@@ -94,6 +94,14 @@ def all_sum(value: float, world: World) -> float:
     return float(t)
 
 
+def all_max(value: int, world: World) -> int:
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
     """The transformer blocks of a causal LM or of a vision-language model's language model."""
     inner = getattr(model, "model", model)

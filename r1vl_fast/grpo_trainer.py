@@ -21,7 +21,8 @@ import torch
 
 from r1vl_fast.config import GRPOTrainConfig
 from r1vl_fast.data import Sample
-from r1vl_fast.distributed import World, all_sum, reduce_metrics, unwrap
+from r1vl_fast.distributed import World, all_max, all_sum, reduce_metrics, unwrap
+from r1vl_fast.micro_batches import Group, cost, loss_scale, plan
 from r1vl_fast.modeling import (
     completion_hidden,
     completion_log_probs,
@@ -32,6 +33,7 @@ from r1vl_fast.modeling import (
     shared_layout_refusal,
 )
 from r1vl_fast.ops import grpo_loss, importance_weights, linear_grpo_loss
+from r1vl_fast.ops.fused import _advantages
 from r1vl_fast.optim import TrainerBase
 from r1vl_fast.processing import Processing, PromptCache, PromptInputs, batch_inputs, shared_inputs
 from r1vl_fast.rewards.step_rewards import RewardBreakdown, StepRewards
@@ -42,15 +44,16 @@ log = logging.getLogger("r1vl_fast")
 
 @dataclass
 class RolloutBatch:
-    """One micro-batch of P prompts × G completions, scored, with everything the update needs."""
+    """One rollout batch of P prompts × G completions, scored, with everything the update needs (the update splits
+    the step's rollout batches into token-budget micro-batches of whole groups)."""
 
     sample_ids: list[int]  # per completion
-    inputs: dict[str, torch.Tensor]  # prompt + completion model inputs
+    inputs: dict[str, torch.Tensor]  # unused: model inputs are built per micro-batch (kept for older checkpoints)
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     texts: list[str]
     rewards: RewardBreakdown
-    advantages: torch.Tensor | None  # [B], as the loss computed them (after the first update of this batch)
+    advantages: torch.Tensor | None  # [B], group-normalised from the rewards
     old_logp: torch.Tensor | None
     ref_logp: torch.Tensor | None
     finish_reasons: list[str]
@@ -94,6 +97,24 @@ def share_prompt_here(config: GRPOTrainConfig, world: World | None, model: Any =
     return True
 
 
+@dataclass
+class MicroBatch:
+    """Whole groups of the step's rollout batches, within the token budget: their model inputs and the rows of
+    everything the loss takes. ``weight`` 0 marks a pass a rank runs only to stay in step with the others."""
+
+    inputs: dict[str, torch.Tensor]
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    is_weights: torch.Tensor | None
+    weight: float
+    tokens: int  # as computed (padding included)
+    real_tokens: int
+
+
 class StepGRPOTrainer(TrainerBase):
     def __init__(self, config: GRPOTrainConfig, *, policy: Any, reference: Any | None, processing: Processing,
                  samples: list[Sample], rewards: StepRewards, engine: RolloutEngine, device: torch.device,
@@ -112,6 +133,14 @@ class StepGRPOTrainer(TrainerBase):
         # rollouts and training share one processing of each image; past 1 GiB, entries wait on disk
         spill = Path(config.output_dir) / "prompt_cache" if config.output_dir is not None else None
         self.prompts = PromptCache(processing, spill_dir=spill)
+        # token budgets of the micro-batches (update; no-grad passes), for the layout this run takes
+        self.update_budget = config.max_tokens_per_micro_batch or config.default_token_budget(self.share_prompt)
+        self.forward_budget = config.max_tokens_per_forward or 4 * self.update_budget
+        if self.share_prompt != config.share_prompt and self.update_budget == config.default_token_budget(True):
+            self.update_budget = config.default_token_budget(False)  # the default, for the layout taken
+            if self.forward_budget == 4 * config.default_token_budget(True):
+                self.forward_budget = 4 * self.update_budget
+        self._planned: tuple[list[RolloutBatch], list[MicroBatch]] | None = None
 
     # ------------------------------------------------------------------------------------------------ one step
 
@@ -149,21 +178,16 @@ class StepGRPOTrainer(TrainerBase):
         times["time/reward"] += time.perf_counter() - start
 
         responses = [row[m].tolist() for row, m in zip(rollouts.completion_ids, rollouts.completion_mask)]
-        if self.share_prompt:  # each prompt (and image) once; its G completions on its keys and values
-            inputs = shared_inputs(self.processing, prompts, responses, G, device=self.device)
-        else:
-            inputs = batch_inputs(self.processing, [p for p in prompts for _ in range(G)], responses,
-                                  device=self.device)
-        if c.freeze_vision:  # the frozen encoder runs once per batch; every pass below reuses its embeddings
-            inputs = embed_images(self.policy, inputs)
         ids = rollouts.completion_ids.to(self.device)
         mask = rollouts.completion_mask.to(self.device)
+        lc = self.loss_config
+        advantages = _advantages(torch.from_numpy(rewards.total).to(self.device, torch.float32), G, lc.adv_eps,
+                                 lc.adv_unbiased, lc.scale_rewards)
         start = time.perf_counter()
         old_logp = ref_logp = is_weights = stats = None
         correct = rollouts.logprobs is not None and c.vllm_importance_sampling_correction
-        if c.num_iterations > 1 or correct:
-            old_logp = completion_log_probs(self.policy, inputs, ids, self.loss_config.temperature, self.impl,
-                                            fused_lm_head=self.fused_head)
+        if c.num_iterations > 1 or correct or self.reference is not None:
+            old_logp, ref_logp = self.no_grad_passes(prompts, responses, ids, old=c.num_iterations > 1 or correct)
         if correct:
             assert rollouts.logprobs is not None and old_logp is not None
             is_weights, stats = importance_weights(old_logp, rollouts.logprobs.to(self.device), mask,
@@ -171,53 +195,148 @@ class StepGRPOTrainer(TrainerBase):
                                                    cap=c.vllm_importance_sampling_cap)
             if c.num_iterations == 1:
                 old_logp = None  # on-policy ratio, as without correction
-        if self.reference is not None:
-            ref_logp = completion_log_probs(self.reference, inputs, ids, self.loss_config.temperature, self.impl,
-                                            fused_lm_head=self.fused_head)
         times["time/logprobs"] += time.perf_counter() - start
-        return RolloutBatch(completion_sample_ids, inputs, ids, mask, rollouts.texts, rewards, None,
+        return RolloutBatch(completion_sample_ids, {}, ids, mask, rollouts.texts, rewards, advantages,
                             old_logp, ref_logp, rollouts.finish_reasons, is_weights, stats)
 
-    def update(self, buffer: list[RolloutBatch]) -> dict[str, float]:
-        """One optimizer step over the micro-batches of ``buffer`` (gradient accumulation).
+    # ------------------------------------------------------------------------------------------------ micro-batches
 
-        The loss reads the logits buffer as the model produced it and writes its gradient there, already scaled by
-        1 / micro-batches: one read and one write of the logits per micro-batch, and nothing waits for the device
-        until the step's metrics are read at the end."""
+    def _inputs(self, prompts: list[PromptInputs], responses: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Model inputs of whole groups: each prompt once (shared layout) or G times, then its completions; a frozen
+        vision encoder runs here, once, and every pass over these inputs reuses its embeddings."""
+        G = self.config.num_generations
+        if self.share_prompt:  # each prompt (and image) once; its G completions on its keys and values
+            inputs = shared_inputs(self.processing, prompts, responses, G, device=self.device)
+        else:
+            inputs = batch_inputs(self.processing, [p for p in prompts for _ in range(G)], responses,
+                                  device=self.device)
+        return embed_images(self.policy, inputs) if self.config.freeze_vision else inputs
+
+    def _groups(self, prompts: list[PromptInputs], responses: list[list[int]]) -> list[Group]:
+        G = self.config.num_generations
+        return [Group(len(p.input_ids), tuple(len(r) for r in responses[g * G:(g + 1) * G]))
+                for g, p in enumerate(prompts)]
+
+    def no_grad_passes(self, prompts: list[PromptInputs], responses: list[list[int]], ids: torch.Tensor, *,
+                       old: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The old policy's (when ``old``) and the reference's log-probs [B, T] of a rollout batch's completions, over
+        micro-batches of whole groups within the no-grad budget (``--max_tokens_per_forward``)."""
+        G, temperature = self.config.num_generations, self.loss_config.temperature
+        chunks = plan(self._groups(prompts, responses), self.forward_budget, shared=self.share_prompt,
+                      at_least=lambda k: all_max(k, self.world), what="no-grad micro-batch")
+        wanted = [name for name, on in (("old", old), ("ref", self.reference is not None)) if on]
+        out: dict[str, torch.Tensor] = {}
+        for chunk in chunks:
+            groups = chunk if chunk is not None else [0]  # a pass in step with the other ranks, its result unused
+            rows = [g * G + j for g in groups for j in range(G)]
+            width = max(1, max(len(responses[r]) for r in rows))
+            inputs = self._inputs([prompts[g] for g in groups], [responses[r] for r in rows])
+            sub = ids[rows, :width]
+            for name, model in (("old", self.policy), ("ref", self.reference)):
+                if name in wanted:
+                    logp = completion_log_probs(model, inputs, sub, temperature, self.impl,
+                                                fused_lm_head=self.fused_head)
+                    if chunk is not None:  # fp32 (fp64 for an fp64 model), zero past each completion
+                        out.setdefault(name, ids.new_zeros(ids.shape, dtype=logp.dtype))[rows, :width] = logp
+        return out.get("old"), out.get("ref")
+
+    def micro_batches(self, buffer: list[RolloutBatch]) -> list[MicroBatch]:
+        """The update's micro-batches over the step's rollout batches: whole groups within the budget
+        (``--max_tokens_per_micro_batch``), the same number on every rank; built once per buffer and reused by every
+        μ iteration (a resumed run builds the same ones from the same buffer)."""
+        if self._planned is not None and self._planned[0] is buffer:
+            return self._planned[1]
+        G = self.config.num_generations
+        prompts, responses, rows = [], [], []  # over the buffer: per group, per completion
+        for b, mb in enumerate(buffer):
+            prompts += [self.prompt(i) for i in mb.sample_ids[::G]]
+            responses += [row[m].tolist() for row, m in zip(mb.completion_ids.cpu(), mb.completion_mask.cpu())]
+            rows += [(b, j) for j in range(len(mb.sample_ids))]
+        groups = self._groups(prompts, responses)
+        chunks = plan(groups, self.update_budget, shared=self.share_prompt,
+                      at_least=lambda k: all_max(k, self.world), what="micro-batch")
+        out = []
+        for chunk in chunks:
+            group_ids = chunk if chunk is not None else [0]
+            seqs = [g * G + j for g in group_ids for j in range(G)]
+            width = max(1, max(len(responses[r]) for r in seqs))
+
+            def gather(name: str, seqs: list[int] = seqs, width: int = width) -> torch.Tensor | None:
+                parts = [getattr(buffer[rows[r][0]], name) for r in seqs]
+                if any(p is None for p in parts):
+                    return None
+                return torch.stack([_row(p[rows[r][1]], width) for p, r in zip(parts, seqs)])
+
+            real = sum(len(responses[r]) for r in seqs) + sum(
+                groups[g].prompt_tokens * (1 if self.share_prompt else G) for g in group_ids)
+            rewards = torch.tensor([float(buffer[rows[r][0]].rewards.total[rows[r][1]]) for r in seqs],
+                                   device=self.device)
+            out.append(MicroBatch(
+                inputs=self._inputs([prompts[g] for g in group_ids], [responses[r] for r in seqs]),
+                completion_ids=gather("completion_ids"), completion_mask=gather("completion_mask"),  # type: ignore[arg-type]
+                rewards=rewards, advantages=gather("advantages"), old_logp=gather("old_logp"),  # type: ignore[arg-type]
+                ref_logp=gather("ref_logp"), is_weights=gather("is_weights"), weight=float(chunk is not None),
+                tokens=cost([groups[g] for g in group_ids], self.share_prompt), real_tokens=real))
+        self._planned = (buffer, out)
+        return out
+
+    def update(self, buffer: list[RolloutBatch]) -> dict[str, float]:
+        """One optimizer step over the token-budget micro-batches of ``buffer`` (gradient accumulation).
+
+        The loss reads the logits buffer as the model produced it and writes its gradient there, already scaled
+        (:func:`r1vl_fast.micro_batches.loss_scale`): one read and one write of the logits per micro-batch, and
+        nothing waits for the device until the step's metrics are read at the end."""
+        sums = self.accumulate(buffer)
+        stepped = self.optimizer_step()
+        self.engine.sync_weights(unwrap(self.policy))
+        return {**sums, **stepped}
+
+    def accumulate(self, buffer: list[RolloutBatch]) -> dict[str, float]:
+        """The step's gradient, accumulated over its micro-batches into the policy's ``.grad``, each micro-batch's
+        loss scaled so that the sum is the one-batch gradient; returns the loss and the token-level metrics."""
         self.policy.train()
+        lc = self.loss_config
+        chunks = self.micro_batches(buffer)
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_sum, tokens = zero, zero
+        # the step's normalisers, over every rank: the one-batch gradient however the batch is split
+        step_tokens = all_sum(float(sum(mb.completion_mask.sum() for mb in buffer)), self.world)
+        step_sequences = int(all_sum(float(sum(len(mb.sample_ids) for mb in buffer)), self.world))
         # token-level metrics are summed over tokens, then divided by the global token count
         token_sums = {"kl": zero, "clip_ratio": zero, "clip_ratio/low": zero, "clip_ratio/high": zero}
-        for mb in buffer:
-            rewards = torch.from_numpy(mb.rewards.total).to(self.device, torch.float32)
+        for mb in chunks:
+            scale = mb.weight * loss_scale(lc.loss_type, sequences=len(mb.completion_ids),
+                                           tokens=float(mb.completion_mask.sum()), total_sequences=step_sequences,
+                                           total_tokens=step_tokens, world_size=self.world.size)
+            # rewards in, the kernel normalises them per group; a batch-wide std comes from the rollout batch
+            batch_std = lc.scale_rewards == "batch"
+            rewards, advantages = (None, mb.advantages) if batch_std else (mb.rewards, None)
             if self.fused_head:  # the LM head inside the loss: no [B, T, V] logits
                 hidden = completion_hidden(self.policy, mb.inputs, mb.completion_ids.shape[1])
                 weight, bias = lm_head(self.policy)  # after the forward: FSDP2 holds it gathered (see lm_head)
                 loss, m = linear_grpo_loss(hidden, weight, mb.completion_ids, mb.completion_mask,
-                                           config=self.loss_config, rewards=rewards, old_logp=mb.old_logp,
-                                           ref_logp=mb.ref_logp, is_weights=mb.is_weights, bias=bias,
-                                           loss_scale=1.0 / len(buffer))
+                                           config=lc, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                                           is_weights=mb.is_weights, bias=bias, loss_scale=scale,
+                                           rewards=rewards, advantages=advantages)
             else:
                 logits = completion_logits(self.policy, mb.inputs, mb.completion_ids.shape[1])
-                loss, m = grpo_loss(logits, mb.completion_ids, mb.completion_mask, config=self.loss_config,
-                                    rewards=rewards, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
-                                    is_weights=mb.is_weights, loss_scale=1.0 / len(buffer),
-                                    last_position_unused=True, grad_inplace=True, validate=False, impl=self.impl)
+                loss, m = grpo_loss(logits, mb.completion_ids, mb.completion_mask, config=lc,
+                                    old_logp=mb.old_logp, ref_logp=mb.ref_logp, is_weights=mb.is_weights,
+                                    loss_scale=scale, last_position_unused=True, grad_inplace=True, validate=False,
+                                    impl=self.impl, rewards=rewards, advantages=advantages)
             loss.backward()
-            mb.advantages = m["advantages"]
             loss_sum = loss_sum + loss.detach()
-            n = mb.completion_mask.sum()
+            n = mb.completion_mask.sum() * mb.weight
             tokens = tokens + n
             for key, value in (("kl", m["kl"]), ("clip_ratio", m["clip_region"]), ("clip_ratio/low", m["clip_low"]),
                                ("clip_ratio/high", m["clip_high"])):
                 token_sums[key] = token_sums[key] + value.double() * n
+        computed = sum(mb.tokens for mb in chunks)
+        layout = {"micro_batches": float(len(chunks)),
+                  "padding_fraction": 1.0 - sum(mb.real_tokens for mb in chunks if mb.weight) / max(computed, 1)}
         total_tokens = max(all_sum(float(tokens), self.world), 1.0)
-        sums = {"loss": float(loss_sum),
-                **{k: all_sum(float(v), self.world) / total_tokens for k, v in token_sums.items()}}
-        stepped = self.optimizer_step()
-        self.engine.sync_weights(unwrap(self.policy))
-        return {**sums, **stepped}
+        return {"loss": all_sum(float(loss_sum), self.world) / self.world.size,
+                **{k: all_sum(float(v), self.world) / total_tokens for k, v in token_sums.items()}, **layout}
 
     def rollout_metrics(self, buffer: list[RolloutBatch]) -> dict[str, float]:
         r = [mb.rewards for mb in buffer]
@@ -281,6 +400,15 @@ class StepGRPOTrainer(TrainerBase):
             raise ValueError(f"the checkpoint was saved by {len(buffers)} ranks; resume with the same world size "
                              f"(this run has {self.world.size})")
         self.buffer = [RolloutBatch.from_state(_to(b, self.device)) for b in buffers[self.world.rank]]
+
+
+def _row(x: torch.Tensor, width: int) -> torch.Tensor:
+    """A per-completion row cut or zero-padded to ``width`` positions (rollout batches differ in width); a scalar
+    (an advantage) as it is."""
+    if x.dim() == 0:
+        return x
+    x = x[:width]
+    return torch.nn.functional.pad(x, (0, width - len(x))) if len(x) < width else x
 
 
 def _to(value: Any, device: torch.device) -> Any:

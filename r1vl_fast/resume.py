@@ -39,6 +39,7 @@ CHANGEABLE = frozenset({
     "image_root",
     # memory and speed paths that compute the same step
     "gradient_checkpointing", "fused_lm_head", "share_prompt", "loss_impl", "vllm_gpu_memory_utilization",
+    "max_tokens_per_micro_batch", "max_tokens_per_forward",
     "vllm_sleep_mode",
 })
 # Compared by what they hold, not by how they are spelled.

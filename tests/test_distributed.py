@@ -1,5 +1,6 @@
 """torchrun on CPU (gloo): two ranks reproduce one rank with the same global batch, FSDP2 reproduces DDP, and a
-2-rank run resumes exactly. Real processes, real collectives, the tiny Qwen2-VL and the demo data."""
+2-rank run resumes exactly, each with token-budget micro-batches that differ between ranks. Real processes, real
+collectives, the tiny Qwen2-VL and the demo data."""
 
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ def _train(tiny: dict[str, Path], out: Path, ranks: int, per_rank: int, *extra: 
             "--per_device_train_batch_size", str(per_rank), "--gradient_accumulation_steps", "1",
             "--max_completion_length", "112", "--max_prompt_length", "64", "--min_pixels", "3136",
             "--max_pixels", "3136", "--temperature", "1.0", "--learning_rate", "2e-4", "--beta", "0.04",
-            "--device", "cpu", "--report_to", "none", "--rollout_engine", "hf", "--seed", "7", *extra]
+            "--device", "cpu", "--report_to", "none", "--rollout_engine", "hf", "--seed", "7",
+            # a budget of 1-2 groups: the ranks split their rollouts differently from one rank, and from each
+            # other (a rank that needs fewer micro-batches splits further or runs a zero-weight pass)
+            "--max_tokens_per_micro_batch", "250", *extra]
     if ranks == 1:
         cmd = [sys.executable, "-m", "r1vl_fast.train", *args]
     else:
@@ -61,6 +65,7 @@ def test_two_ranks_match_one_rank_and_fsdp2_matches_ddp(tiny: dict[str, Path], r
     fsdp = _train(tiny, root / "fsdp", 2, 2, "--fsdp", *scored)
     # a real update happened (the on-policy GRPO loss value itself is ~0: group-normalised advantages average out)
     assert all(m["grad_norm"] > 0 for m in one) and len({m["reward"] for m in one}) > 1
+    assert all(m["micro_batches"] > 1 for m in one + ddp + fsdp)  # the budget split every step
     _close(ddp, one)
     _close(fsdp, ddp)
     # held-out scoring mid-run: each rank scores its share, the reduced figures are one rank's
