@@ -5,11 +5,11 @@ drawn log-normally between 50 and 1,024 tokens (median ~300), 200 steps. Tokens 
 pass's linear layers and attention run over, so they stand for the update's FLOPs; the budget is the default (one
 micro-batch of P prompts at the longest prompt and completions, so no micro-batch outgrows today's worst case).
 
-Printed per P and layout: tokens computed / real tokens (1.00 = no padding at all), micro-batches per step, and the
-largest micro-batch against the budget. Without packing, putting two groups in one micro-batch pads the shorter
-one's completions to the longer's: the budget alone bounds the micro-batch and merges short groups into fewer
-passes, and sorting by length pads less than taking prompts in order, but the padding itself goes only with
-padding-free packing (issue 29's next part, which takes the ratio to 1.00; FlopCounterMode figures come with it).
+Printed per P and layout (the shared layout with each group's completions packed in one row is what the trainer
+runs for full-attention models on SDPA): tokens computed / real tokens (1.00 = no padding at all), micro-batches
+per step, and the largest micro-batch against the budget. Without packing, a micro-batch of two groups pads the
+shorter one's completions to the longer's: the budget alone bounds the micro-batch and merges short groups into
+fewer passes, and sorting by length pads less than taking prompts in order; packing takes the padding away.
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ def _real(groups: list[Group], shared: bool) -> int:
                for g in groups)
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "repeated"])
-def test_token_budget_against_prompts_per_micro_batch(shared: bool) -> None:
+@pytest.mark.parametrize(("shared", "packed"), [(True, True), (True, False), (False, False)],
+                         ids=["shared-packed", "shared", "repeated"])
+def test_token_budget_against_prompts_per_micro_batch(shared: bool, packed: bool) -> None:
     steps = _steps()
-    print(f"\n{'shared' if shared else 'repeated'} layout, {PROMPTS} prompts x G = {G} per step, {STEPS} steps:")
+    name = "shared, each group's completions packed in one row" if packed else "shared" if shared else "repeated"
+    print(f"\n{name} layout, {PROMPTS} prompts x G = {G} per step, {STEPS} steps:")
     print("   P | today: computed/real  micro-batches | budget: computed/real  micro-batches  largest/budget")
     for P in (1, 2, 4):
         budget = P * ((1 if shared else G) * (PROMPT_TOKENS + 40) + G * LONGEST)
@@ -53,8 +55,8 @@ def test_token_budget_against_prompts_per_micro_batch(shared: bool) -> None:
             fixed = [groups[i:i + P] for i in range(0, PROMPTS, P)]
             today += sum(cost(c, shared) for c in fixed)
             today_mb += len(fixed)
-            chunks = plan(groups, budget, shared=shared)
-            costs = [cost([groups[i] for i in c], shared) for c in chunks if c is not None]
+            chunks = plan(groups, budget, shared=shared, packed=packed)
+            costs = [cost([groups[i] for i in c], shared, packed) for c in chunks if c is not None]
             budget_side += sum(costs)
             budget_mb += len(chunks)
             largest = max(largest, max(costs) / budget)
@@ -62,3 +64,5 @@ def test_token_budget_against_prompts_per_micro_batch(shared: bool) -> None:
               f"{budget_mb / STEPS:13.1f}  {largest:14.2f}")
         assert largest <= 1.0  # every micro-batch within the budget (no group here is over it)
         assert budget_mb <= today_mb  # never more passes than today's layout
+        if packed:
+            assert budget_side < today  # packing computes fewer tokens than today's padded rows

@@ -30,6 +30,8 @@ from r1vl_fast.modeling import (
     embed_images,
     fused_head_refusal,
     lm_head,
+    packing_refusal,
+    packs_completions,
     shared_layout_refusal,
 )
 from r1vl_fast.ops import grpo_loss, importance_weights, linear_grpo_loss
@@ -141,6 +143,10 @@ class StepGRPOTrainer(TrainerBase):
             if self.forward_budget == 4 * config.default_token_budget(True):
                 self.forward_budget = 4 * self.update_budget
         self._planned: tuple[list[RolloutBatch], list[MicroBatch]] | None = None
+        self.packed = self.share_prompt and packs_completions(policy)  # each group's completions in one row
+        if self.share_prompt and not self.packed and self.world.main:
+            log.info("packing: each completion keeps its own padded row (the token budget still applies), "
+                     "because %s", packing_refusal(policy))
 
     # ------------------------------------------------------------------------------------------------ one step
 
@@ -223,7 +229,7 @@ class StepGRPOTrainer(TrainerBase):
         micro-batches of whole groups within the no-grad budget (``--max_tokens_per_forward``)."""
         G, temperature = self.config.num_generations, self.loss_config.temperature
         chunks = plan(self._groups(prompts, responses), self.forward_budget, shared=self.share_prompt,
-                      at_least=lambda k: all_max(k, self.world), what="no-grad micro-batch")
+                      packed=self.packed, at_least=lambda k: all_max(k, self.world), what="no-grad micro-batch")
         wanted = [name for name, on in (("old", old), ("ref", self.reference is not None)) if on]
         out: dict[str, torch.Tensor] = {}
         for chunk in chunks:
@@ -253,7 +259,7 @@ class StepGRPOTrainer(TrainerBase):
             responses += [row[m].tolist() for row, m in zip(mb.completion_ids.cpu(), mb.completion_mask.cpu())]
             rows += [(b, j) for j in range(len(mb.sample_ids))]
         groups = self._groups(prompts, responses)
-        chunks = plan(groups, self.update_budget, shared=self.share_prompt,
+        chunks = plan(groups, self.update_budget, shared=self.share_prompt, packed=self.packed,
                       at_least=lambda k: all_max(k, self.world), what="micro-batch")
         out = []
         for chunk in chunks:
@@ -276,7 +282,7 @@ class StepGRPOTrainer(TrainerBase):
                 completion_ids=gather("completion_ids"), completion_mask=gather("completion_mask"),  # type: ignore[arg-type]
                 rewards=rewards, advantages=gather("advantages"), old_logp=gather("old_logp"),  # type: ignore[arg-type]
                 ref_logp=gather("ref_logp"), is_weights=gather("is_weights"), weight=float(chunk is not None),
-                tokens=cost([groups[g] for g in group_ids], self.share_prompt), real_tokens=real))
+                tokens=cost([groups[g] for g in group_ids], self.share_prompt, self.packed), real_tokens=real))
         self._planned = (buffer, out)
         return out
 

@@ -85,9 +85,81 @@ def shared_completion_hidden(model: Any, batch: dict[str, torch.Tensor], complet
         steps = completion_length - 1  # the last completion token predicts past the end: not run
         if steps <= 0:
             return last_prompt[:, :completion_length]
+        if packs_completions(model):
+            return torch.cat([last_prompt, _packed_completions(model, batch, prompt, recorded, group, steps)], dim=1)
         cache = _PrefixCache(model, recorded, group)
         second = _completions(model, batch, prompt, cache, group, steps)
     return torch.cat([last_prompt, second.hidden_states[-1]], dim=1)
+
+
+def packs_completions(model: Any) -> bool:
+    """Whether the shared layout packs each group's completions into one row (:func:`_packed_completions`)."""
+    return packing_refusal(model) is None
+
+
+def packing_refusal(model: Any) -> str | None:
+    """Why the shared layout keeps each completion in its own padded row, or None when it packs them: every layer
+    must be full attention (a linear-attention layer's state runs per sequence; a sliding window would need its own
+    mask) and the attention must take a custom 4-D mask (SDPA, eager; flash-attn's varlen kernels are not wired
+    yet)."""
+    config = unwrap(model).config
+    kinds = set(getattr(config.get_text_config(), "layer_types", None) or ["full_attention"])
+    if not kinds <= {"full_attention"}:
+        return f"its layers are {sorted(kinds)}, and only full-attention layers are packed"
+    attention = getattr(config, "_attn_implementation", None) or "sdpa"
+    if attention not in ("sdpa", "eager"):
+        return f"its attention is {attention}, which takes no block mask (its varlen kernels are not wired yet)"
+    return None
+
+
+def _packed_completions(model: Any, batch: dict[str, torch.Tensor], prompt: dict[str, torch.Tensor], recorded: Any,
+                        group: int, steps: int) -> torch.Tensor:
+    """The P·G completions' hidden states [P·G, steps, H], computed padding-free within each group: the G
+    completions of a prompt are laid end to end in one row, on that prompt's own keys and values (no G-fold copy),
+    with a block mask (each token sees its prompt and the earlier tokens of its own completion) and each token's
+    own position (its prompt's continued: n + t, shifted by the prompt's rope delta). Only the rows' ends are
+    padded, to the longest group; the hidden states go back to the padded [P·G, steps] layout for the loss.
+    Exact: the same numbers as the padded rows (``tests/test_share_prompt.py``)."""
+    ids_in = batch["completion_input_ids"][:, :steps]
+    real = batch["completion_attention_mask"][:, :steps].bool()  # [P·G, steps]
+    P, W = prompt["input_ids"].shape
+    device = ids_in.device
+    seq = torch.arange(P * group, device=device).repeat_interleave(real.sum(1))  # each real token's completion
+    owner = seq // group  # its prompt (and row)
+    t = torch.arange(steps, device=device).expand_as(real)[real]  # its index within its completion
+    per_row = torch.zeros(P, dtype=torch.long, device=device).index_add_(0, owner, torch.ones_like(owner))
+    width = max(int(per_row.max()), 1)
+    offset = torch.arange(len(seq), device=device) - (torch.cumsum(per_row, 0) - per_row)[owner]  # place in row
+    ids = torch.full((P, width), int(ids_in[0, 0]) if ids_in.numel() else 0, dtype=ids_in.dtype, device=device)
+    ids[owner, offset] = ids_in[real]
+    # the block mask: a row's token sees its prompt (where not padding) and its own completion's earlier tokens;
+    # a padding position sees only itself (its output is dropped)
+    row_seq = torch.full((P, width), -1, dtype=torch.long, device=device)
+    row_seq[owner, offset] = seq
+    row_t = torch.zeros((P, width), dtype=torch.long, device=device)
+    row_t[owner, offset] = t
+    own = (row_seq[:, :, None] == row_seq[:, None, :]) & (row_t[:, :, None] >= row_t[:, None, :])
+    own = (own & (row_seq[:, :, None] >= 0)) | torch.eye(width, dtype=torch.bool, device=device)
+    sees_prompt = prompt["attention_mask"].bool()[:, None, :].expand(P, width, W) & (row_seq >= 0)[:, :, None]
+    mask = torch.cat([sees_prompt, own], dim=2)[:, None]
+    extra: dict[str, torch.Tensor] = {}
+    if "mm_token_type_ids" in prompt:  # a vision-language model: its 3-D rotary positions, given explicitly
+        extra["mm_token_type_ids"] = torch.zeros_like(ids, dtype=torch.int32)
+        if "image_grid_thw" in prompt:  # text after the prompt: n + t, shifted by the prompt's rope delta
+            rope_deltas = unwrap(model).model.rope_deltas.view(-1, 1).to(device)
+            positions = prompt["attention_mask"].sum(dim=1, keepdim=True) + row_t + rope_deltas
+        else:
+            positions = W + row_t
+        extra["position_ids"] = positions[None].expand(3, -1, -1)
+    else:  # a text LM: positions continue from the left-padded prompt's width, as in the padded rows
+        extra["position_ids"] = W + row_t
+    cache = _cache_classes()[1](unwrap(model).config, dict(recorded.kv), {}, {})
+    out = model(input_ids=ids, attention_mask=mask, **{_cache_argument(model): cache}, use_cache=True,
+                logits_to_keep=1, output_hidden_states=True, **extra)
+    hidden = out.hidden_states[-1]
+    full = hidden.new_zeros(P * group, steps, hidden.shape[-1])
+    full[real] = hidden[owner, offset]
+    return full
 
 
 def _completions(model: Any, batch: dict[str, torch.Tensor], prompt: dict[str, torch.Tensor], cache: Any,

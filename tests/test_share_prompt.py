@@ -223,3 +223,32 @@ def test_the_prompt_cache_spills_to_disk_and_never_processes_an_image_twice(tmp_
     other = PromptCache(demo_processing(3136, 3136), spill_dir=tmp_path / "spill")  # another pixel budget
     other.get("How many?", images[0])
     assert other.images_processed == 1
+
+
+@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen3-vl", "text", "qwen3.5"])
+def test_each_groups_completions_run_packed_in_one_row(kind: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared layout lays each group's G completions end to end in one row on its prompt's keys and values (a
+    block mask, each token's own position): the hidden states equal the padded rows' in fp64, on a mixed batch
+    with ragged completions, an empty one included. Linear-attention families (Qwen3.5) keep the padded rows."""
+    import r1vl_fast.modeling as modeling
+
+    model, processing = _model(kind, tmp_path)
+    model = model.double()
+    assert modeling.packs_completions(model) is (kind != "qwen3.5")
+    if kind == "qwen3.5":  # the trainer logs why
+        assert "only full-attention layers are packed" in (modeling.packing_refusal(model) or "")
+    prompts = _prompts(processing, mixed=processing.multimodal)
+    g = torch.Generator().manual_seed(2)
+    lengths = [(3 * i + 2) % 9 for i in range(len(prompts) * G)]  # 2, 5, 8, 2, ..., and a 0 where it falls
+    lengths[4] = 0
+    responses = [torch.randint(10, 300, (n,), generator=g).tolist() for n in lengths]
+    batch = shared_inputs(processing, prompts, responses, G)
+    width = max(lengths)
+    packed = completion_hidden(model, batch, width)
+    monkeypatch.setattr(modeling, "packs_completions", lambda model: False)
+    padded = completion_hidden(model, batch, width)
+    real = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        real[i, :max(n, 1)] = True  # the first position (the prompt's last) predicts even an empty completion
+    torch.testing.assert_close(packed[real], padded[real], rtol=1e-12, atol=1e-12)
