@@ -126,7 +126,9 @@ def test_two_ranks_take_one_ranks_steps_on_mixed_image_and_text_batches(tiny: di
     encoder trains here (not frozen), so DDP reduces its gradient and FSDP2 gathers it on every rank."""
     if family["arch"] not in ("qwen3-vl", "qwen3.5"):
         pytest.skip("the dense families stand for their MoE twins here (same vision tower, same wrap policy)")
-    _two_ranks_take_one_ranks_steps(tiny, family["sft"], tmp_path, ("ddp", "fsdp"), pixels=family["pixels"])
+    # DDP on Qwen3-VL (the encoder runs before generate); FSDP2, the one a mismatch hangs, on both
+    modes = ("ddp", "fsdp") if family["arch"] == "qwen3-vl" else ("fsdp",)
+    _two_ranks_take_one_ranks_steps(tiny, family["sft"], tmp_path, modes, pixels=family["pixels"])
 
 
 def _two_ranks_take_one_ranks_steps(tiny: dict[str, Path], model: Path, tmp_path: Path, modes: tuple[str, ...],
